@@ -1,0 +1,75 @@
+"""Repository hygiene: notebooks and library in sync, notebooks clean, README generated from index.ipynb,
+docs pre-processing works, papermill tags survive cleaning. Each check runs on a scratch copy of the repo so a
+developer's working tree is never modified."""
+import json, shutil, subprocess, sys
+from pathlib import Path
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+def _copy_repo(dst: Path) -> Path:
+    for name in ('settings.ini', 'setup.py', 'README.md', '_quarto.yml'):
+        if (ROOT/name).exists(): shutil.copy(ROOT/name, dst/name)
+    for d in ('nbs', 'saev_nb', 'papers', 'tools'):
+        shutil.copytree(ROOT/d, dst/d, ignore=shutil.ignore_patterns('__pycache__', '_proc', '*.pyc', '.ipynb_checkpoints'))
+    return dst
+
+def _tree(dpath: Path, pattern: str) -> dict:
+    return {str(p.relative_to(dpath)): p.read_bytes() for p in sorted(dpath.glob(pattern)) if p.is_file() and '__pycache__' not in p.parts}
+
+def _diff(a: dict, b: dict) -> list:
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+def test_export_in_sync(tmp_path):
+    "`nbdev_export` on the notebooks reproduces saev_nb/ exactly (nobody edited generated code by hand)."
+    repo = _copy_repo(tmp_path)
+    before = _tree(repo/'saev_nb', '**/*.py')
+    subprocess.run([BIN/'nbdev_export'], cwd=repo, check=True, capture_output=True)
+    changed = _diff(before, _tree(repo/'saev_nb', '**/*.py'))
+    assert not changed, f'saev_nb/ is out of sync with nbs/ in {changed}; run `.venv/bin/nbdev_export` and commit'
+
+def test_notebooks_clean(tmp_path):
+    "`nbdev_clean` changes nothing: no execution counts or stray metadata committed."
+    repo = _copy_repo(tmp_path)
+    before = {**_tree(repo, 'nbs/*.ipynb'), **_tree(repo, 'papers/*.ipynb')}
+    for d in ('nbs', 'papers'): subprocess.run([BIN/'nbdev_clean', '--fname', str(repo/d)], cwd=repo, check=True, capture_output=True)
+    changed = _diff(before, {**_tree(repo, 'nbs/*.ipynb'), **_tree(repo, 'papers/*.ipynb')})
+    assert not changed, f'notebooks not clean: {changed}; run `.venv/bin/nbdev_clean --fname nbs` (and papers) and commit'
+
+def test_papermill_tag_survives_clean(tmp_path):
+    "The papermill `parameters` tag is kept by nbdev_clean (settings.ini allowed_cell_metadata_keys = tags)."
+    nb = {'cells': [{'cell_type': 'code', 'execution_count': 3, 'id': 'x', 'metadata': {'tags': ['parameters'], 'scrolled': True},
+                     'outputs': [], 'source': ['layer = -2']}],
+          'metadata': {'kernelspec': {'display_name': 'Python 3', 'language': 'python', 'name': 'python3'}}, 'nbformat': 4, 'nbformat_minor': 5}
+    repo = _copy_repo(tmp_path); fpath = repo/'papers'/'tagged.ipynb'
+    fpath.write_text(json.dumps(nb))
+    subprocess.run([BIN/'nbdev_clean', '--fname', str(fpath)], cwd=repo, check=True, capture_output=True)
+    cell = json.loads(fpath.read_text())['cells'][0]
+    assert cell['metadata'] == {'tags': ['parameters']} and cell['execution_count'] is None
+
+def test_paper_notebooks_have_parameters_cell():
+    "Each papers/*.ipynb has a cell tagged `parameters` for papermill."
+    for fpath in sorted((ROOT/'papers').glob('*.ipynb')):
+        cells = json.loads(fpath.read_text())['cells']
+        assert any('parameters' in c.get('metadata', {}).get('tags', []) for c in cells), f'{fpath}: no cell tagged `parameters`; tag the parameters cell'
+
+def test_readme_generated_from_index():
+    "README.md is exactly what tools/readme.py renders from nbs/index.ipynb."
+    r = subprocess.run([sys.executable, str(ROOT/'tools'/'readme.py'), '--check'], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr or r.stdout
+
+def test_readme_commands_match_ci():
+    "The README's set-up and test commands are exactly what .ci/run runs."
+    readme, ci = (ROOT/'README.md').read_text(), (ROOT/'.ci'/'run').read_text()
+    for cmd in ('bash tools/setup.sh', 'bash tools/test.sh'):
+        assert cmd in readme and cmd in ci, f'{cmd!r} must appear in README.md and .ci/run'
+
+def test_docs_preprocessing(tmp_path):
+    "nbdev's docs pre-processing (`nbdev_proc_nbs`, what Quarto renders) succeeds on every notebook."
+    repo = _copy_repo(tmp_path)
+    r = subprocess.run([BIN/'python', '-c', 'from nbdev.serve import proc_nbs; proc_nbs()'], cwd=repo, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    n_in = len(list((repo/'nbs').glob('*.ipynb')))
+    n_out = len(list((repo/'_proc').glob('*.ipynb')))
+    assert n_out == n_in, f'_proc has {n_out} notebooks, nbs has {n_in}'
