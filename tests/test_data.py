@@ -1,0 +1,60 @@
+"""The data step from the outside: the `make-data` command, the ADE20K layout, and bad input."""
+import subprocess, sys
+import numpy as np
+import pytest
+from PIL import Image
+from saev_nb.data import SegFolder, ImgFolder, DataError, make_scenes, read_class_names, N_CLASSES
+
+def test_make_data_cli_layout(tmp_path):
+    r = subprocess.run([sys.executable, '-m', 'saev_nb.cli', 'make-data', '--root', str(tmp_path/'ade'), '--n-train', '5', '--n-val', '2', '--seed', '3'],
+                       capture_output=True, text=True, check=True)
+    root = tmp_path/'ade'
+    assert r.stdout.strip().splitlines()[-1] == str(root)
+    assert sorted(p.name for p in (root/'images/training').iterdir()) == [f'ADE_train_{i:08d}.jpg' for i in range(1, 6)]
+    assert sorted(p.name for p in (root/'annotations/validation').iterdir()) == ['ADE_val_00000001.png', 'ADE_val_00000002.png']
+    header = (root/'objectInfo150.csv').read_text().splitlines()[0]
+    assert header == 'Idx,Ratio,Train,Val,Name'
+    names = read_class_names(root)
+    assert len(names) == N_CLASSES and names[0] == 'other' and names[1] == 'wall'
+
+def test_labels_uint8_in_range_and_several_regions(tmp_path):
+    root = make_scenes(tmp_path/'ade', n_train=8, n_val=1, n_classes=5, progress=False)
+    ds = SegFolder(root)
+    for i in range(len(ds)):
+        lab = ds[i]['labels']
+        assert lab.dtype == np.uint8 and lab.max() <= 5
+        assert len(np.unique(lab)) >= 2, 'a scene holds several regions'
+
+def test_classes_not_separable_from_one_pixel_colour(tmp_path):
+    "Class colours overlap (pairs share a colour family) so a probe needs texture, not just one pixel."
+    root = make_scenes(tmp_path/'ade', n_train=12, n_val=0, n_classes=4, progress=False)
+    ds = SegFolder(root)
+    px, lab = [], []
+    for i in range(len(ds)):
+        it = ds[i]; px.append(np.asarray(it['image'], np.float32).reshape(-1, 3)); lab.append(it['labels'].ravel())
+    px, lab = np.concatenate(px), np.concatenate(lab)
+    keep = lab > 0
+    px, lab = px[keep], lab[keep]
+    # nearest-class-mean on a single pixel's colour
+    means = np.stack([px[lab == c].mean(0) for c in range(1, 5)])
+    pred = 1 + ((px[:, None] - means[None]) ** 2).sum(-1).argmin(1)
+    acc = (pred == lab).mean()
+    assert acc < 0.9, f'single-pixel colour already separates classes ({acc:.2f})'
+
+def test_real_ade20k_txt_class_table(tmp_path):
+    root = make_scenes(tmp_path/'ade', n_train=1, n_val=0, progress=False)
+    (root/'objectInfo150.csv').unlink()
+    (root/'objectInfo150.txt').write_text('Idx\tRatio\tTrain\tVal\tName\n1\t0.1\t1\t1\twall\n2\t0.1\t1\t1\tbuilding;edifice\n')
+    names = read_class_names(root)
+    assert names[2] == 'building' and len(names) == N_CLASSES
+
+def test_bad_inputs_name_the_file(tmp_path):
+    root = make_scenes(tmp_path/'ade', n_train=2, n_val=0, progress=False)
+    with pytest.raises(DataError, match='no such folder'): SegFolder(root, 'testing')
+    with pytest.raises(DataError, match='empty split'): SegFolder(root, 'validation')
+    (root/'objectInfo150.csv').write_text('foo,bar\n1,2\n')
+    with pytest.raises(DataError, match='objectInfo150.csv: expected columns Idx and Name'): SegFolder(root)
+    with pytest.raises(DataError, match='n_classes must be in 1..150'): make_scenes(tmp_path/'x', n_classes=151)
+    with pytest.raises(DataError, match='no such folder'): ImgFolder(tmp_path/'none')
+    (tmp_path/'imgs'/'a').mkdir(parents=True)
+    with pytest.raises(DataError, match='empty data set'): ImgFolder(tmp_path/'imgs')
