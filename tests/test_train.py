@@ -1,0 +1,104 @@
+"Integration, CLI and failure tests for saev_nb.train: sweeps, grouping, synthetic recovery, exact resume, runs on shards."
+import json, subprocess, sys
+from dataclasses import replace
+from pathlib import Path
+import pytest, torch
+from saev_nb.sae import SAEConfig, Relu, TopK, BatchTopK, Vanilla, Matryoshka
+from saev_nb.loaders import ShuffledConfig
+from saev_nb.train import *
+
+def _base(tmp_path, **kw):
+    d = ShuffledConfig(shards=tmp_path, layer=0, batch_size=256)
+    return TrainConfig(train_data=d, val_data=d, runs_root=tmp_path/'runs', log_every=50, ckpt_every=0, **kw)
+
+def test_synthetic_recovery_all_variants(tmp_path):
+    x, atoms = sparse_dictionary_data(8192, seed=0)
+    combos = [(Relu(), Vanilla(sparsity_coeff=1e-2), 1e-2, 0.8), (TopK(top_k=4), Vanilla(), 3e-3, 0.0),
+              (BatchTopK(top_k=4), Matryoshka(n_prefixes=4), 3e-3, 0.0), (TopK(top_k=4), Matryoshka(n_prefixes=4), 3e-3, 0.0)]
+    cfgs = [replace(_base(tmp_path), sae=SAEConfig(d_model=32, d_sae=128, activation=a), objective=o, lr=lr, datapoint_init=dp,
+                    n_lr_warmup=50, n_train=256 * 600) for a, o, lr, dp in combos]
+    trs = fit_group(cfgs, ArrayLoader(x, 256, seed=1), [tmp_path/str(i) for i in range(4)], progress=False)
+    ev = evaluate_saes([t.sae for t in trs], ArrayLoader(sparse_dictionary_data(4096, seed=0)[0], 512, shuffle=False), 4096)
+    assert all(e['nmse'] < 0.25 for e in ev), ev
+    assert all(float(atom_recovery(t.sae, atoms).mean()) > 0.8 for t in trs)
+    assert float(atom_recovery(trs[1].sae, atoms).mean()) > 0.95
+
+def test_resume_with_uneven_checkpoints(tmp_path):
+    "One SAE's checkpoint is a step behind the other's (killed between writes): both still match the uninterrupted run."
+    x, _ = sparse_dictionary_data(2048, seed=0)
+    cfgs = [replace(_base(tmp_path), sae=SAEConfig(d_model=32, d_sae=64, activation=a), n_train=256 * 30, ckpt_every=5, n_init_tokens=512,
+                    objective=Matryoshka(n_prefixes=3), lr=3e-3) for a in (Relu(), BatchTopK(top_k=4))]
+    ref = fit_group(cfgs, ArrayLoader(x, 256), [tmp_path/'a0', tmp_path/'a1'], progress=False)
+    class Kill:
+        def __init__(s, at): s.at = at
+        def iter_batches(s, n, start_batch=0):
+            for b, batch in enumerate(ArrayLoader(x, 256).iter_batches(n, start_batch), start_batch):
+                if b == s.at: raise RuntimeError('killed')
+                yield batch
+    dp = [tmp_path/'b0', tmp_path/'b1']
+    with pytest.raises(RuntimeError): fit_group(cfgs, Kill(12), dp, progress=False)  # both at step 10
+    import shutil; shutil.copy(dp[0]/'checkpoint.pt', tmp_path/'old.pt')
+    with pytest.raises(RuntimeError): fit_group(cfgs, Kill(17), dp, progress=False)  # both at step 15
+    shutil.copy(tmp_path/'old.pt', dp[0]/'checkpoint.pt')  # SAE 0 falls back to step 10
+    res = fit_group(cfgs, ArrayLoader(x, 256), dp, progress=False)
+    for a, b in zip(ref, res):
+        for k, v in a.sae.state_dict().items(): assert torch.equal(b.sae.state_dict()[k], v), k
+    for i in range(2): assert (dp[i]/'metrics.jsonl').read_text() == (tmp_path/f'a{i}'/'metrics.jsonl').read_text()
+
+def test_sweep_errors_and_grouping(tmp_path):
+    f = tmp_path/'s.toml'
+    base = replace(_base(tmp_path), sweep=f)
+    for text, msg in [('[sae]\nactivation = 3', 'sae.activation: expected a table'), ('[sae.activation]\nkind = "gelu"', "unknown 'gelu'"),
+                      ('max_parallel = 2', 'not allowed'), ('lr = []', 'empty list'), ('tags = ["a", 1]', 'tags[1]: expected str'),
+                      ('[objective]\nkind = "matryoshka"\nn_prefixes = true', 'objective.n_prefixes: expected int')]:
+        f.write_text(text)
+        with pytest.raises(ValueError, match=msg.replace('[', r'\[').replace('(', r'\(')): expand_cfgs(base)
+    f.write_text('lr = [1e-3, 3e-3]\nseed = [1, 2]\n[train_data]\nseed = [5, 6]\n[sae]\nd_sae = [64, 128]\n')
+    cfgs = expand_cfgs(base)
+    assert len(cfgs) == 16 and len(set(map(run_id, cfgs))) == 16
+    assert [len(g) for g in split_groups(cfgs)] == [8, 8]
+    assert [len(g) for g in split_groups(cfgs, 5)] == [5, 3, 5, 3]
+    with pytest.raises(FileNotFoundError): expand_cfgs(replace(base, sweep=tmp_path/'nope.toml'))
+
+def _shards(tmp_path):
+    from saev_nb.shards import make_random_shards
+    return make_random_shards(tmp_path/'shards', n_examples=64, layers=(0, 1), d_model=32, content_tokens=16)
+
+def _cli(*args):
+    return subprocess.run([sys.executable, '-m', 'saev_nb.cli', *map(str, args)], capture_output=True, text=True, timeout=300)
+
+def test_cli_seed_command_and_rerun(tmp_path):
+    sh = _shards(tmp_path)
+    args = ['train', '--runs-root', tmp_path/'runs', '--train-data.shards', sh, '--train-data.layer', 1, '--train-data.batch-size', 128,
+            '--val-data.shards', sh, '--val-data.layer', 1, '--val-data.batch-size', 256, '--sae.d-model', 32, '--sae.exp-factor', 4,
+            '--lr', '4e-3', '--n-train', '10_000', '--n-val', 1024, '--ckpt-every', 20, 'sae.activation:relu', 'objective:matryoshka',
+            '--objective.sparsity-coeff', '1e-3']
+    r = _cli(*args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    run = Path(r.stdout.strip().splitlines()[-1])
+    ev = json.loads((run/'eval.json').read_text())
+    assert ev['n_tokens'] == 1024 and 0 <= ev['nmse'] < 2 and set(ev) >= {'l0', 'n_dead', 'n_almost_dead', 'n_dense'}
+    assert json.loads((run/'config.json').read_text())['objective']['sparsity_coeff'] == 1e-3
+    mtime = (run/'sae.safetensors').stat().st_mtime
+    r2 = _cli(*args)  # same command: finished runs are skipped
+    assert r2.returncode == 0 and (run/'sae.safetensors').stat().st_mtime == mtime
+    bad = _cli(*args[:-1], 'lots')
+    assert bad.returncode != 0
+
+def test_cli_bad_d_model(tmp_path):
+    sh = _shards(tmp_path)
+    r = _cli('train', '--runs-root', tmp_path/'runs', '--train-data.shards', sh, '--train-data.batch-size', 128, '--val-data.shards', sh,
+             '--sae.d-model', 768, '--n-train', 1000)
+    assert r.returncode != 0 and 'd_model=32' in r.stderr
+
+def test_submitit_local_executor(tmp_path):
+    sh = _shards(tmp_path)
+    d = ShuffledConfig(shards=sh, layer=0, batch_size=128)
+    cfg = TrainConfig(train_data=d, val_data=replace(d, batch_size=512), sae=SAEConfig(d_model=32, exp_factor=2), n_train=2000, n_val=512,
+                      runs_root=tmp_path/'runs', executor='local', log_to=tmp_path/'logs')
+    (run,) = train(cfg, progress=False)
+    assert (run/'eval.json').exists()
+
+def test_bench_train_small():
+    res = bench_train(BenchTrainConfig(d_model=32, exp_factor=4, batch_size=256, n_steps=1, n_saes=2))
+    assert res['tokens_per_s'] > 0 and 0 < res['fraction_of_matmul'] and res['loop_per_sae_cost'] > 0
