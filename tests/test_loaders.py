@@ -1,0 +1,278 @@
+"""saev_nb.loaders: every token exactly once per epoch (each token set, both read paths), values against the stored
+bytes, seeding and resume without re-reading, label filtering, dtypes, normalization, ordered/indexed access, worker
+errors raised in the consumer (never a hang), one clear line per bad input, and the `bench loader` CLI."""
+import dataclasses, json, os, shutil, subprocess, sys, threading, time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from saev_nb.loaders import (IndexedDataset, Normalizer, OrderedConfig, OrderedLoader, ShardSource, ShuffledConfig, ShuffledLoader,
+                             background, batch_entropy, bench_loader, BenchLoaderConfig, check_shards)
+from saev_nb.shards import Metadata, ShardError, make_random_shards, open_shard, shard_name
+
+ROOT = Path(__file__).resolve().parents[1]
+P = 12  # content tokens per example in the fixtures
+
+
+@pytest.fixture(scope='module')
+def sd(tmp_path_factory):
+    "Three layers, 50 examples of CLS + 12 patches, d=16, 4 shards of 14 (last one partial), labels."
+    return make_random_shards(tmp_path_factory.mktemp('sh'), n_examples=50, layers=(2, 5, 9), d_model=16, content_tokens=P,
+                              max_tokens_per_shard=14 * (P + 1) * 3, seed=3)
+
+
+def _stored(dpath, layer):
+    "(n_examples, tokens_per_example, d) of one layer, read with plain memmaps."
+    md = Metadata.load(dpath)
+    li = md.layers.index(layer)
+    return np.concatenate([np.asarray(open_shard(dpath, i, md))[:md.shard_n(i), li] for i in range(md.n_shards)])
+
+
+def _key(b, n_t, off):
+    return b['example_idx'] * n_t + b['token_idx'] + off
+
+
+@pytest.mark.parametrize('read', ['cache', 'buffer'])
+@pytest.mark.parametrize('tokens,n_t,off', [('content', P, 0), ('cls', 1, 1), ('all', P + 1, 1)])
+def test_epoch_every_token_once_with_right_values(sd, read, tokens, n_t, off):
+    dl = ShuffledLoader(ShuffledConfig(shards=sd, layer=5, tokens=tokens, batch_size=37, buffer_batches=2, block_examples=3,
+                                       block_tokens=5, read=read, n_threads=2))
+    batches = list(dl)
+    keys = torch.cat([_key(b, n_t, off) for b in batches])
+    assert sorted(keys.tolist()) == list(range(50 * n_t))
+    assert [len(b['acts']) for b in batches] == [37] * (50 * n_t // 37) + ([50 * n_t % 37] if 50 * n_t % 37 else [])
+    ref = _stored(sd, 5)
+    tok0 = 0 if tokens != 'content' else 1
+    for b in batches:
+        want = ref[b['example_idx'].numpy(), b['token_idx'].numpy() + 1] if tokens != 'cls' else ref[b['example_idx'].numpy(), 0]
+        np.testing.assert_array_equal(b['acts'].numpy(), want)
+        if tokens == 'cls': assert (b['token_idx'] == -1).all() and (b['labels'] == -1).all()
+
+
+def test_mixing_spans_shards_and_epochs_differ(sd):
+    dl = ShuffledLoader(ShuffledConfig(shards=sd, layer=2, batch_size=100, buffer_batches=2, block_examples=2, block_tokens=4, seed=1))
+    e0, e1 = list(dl), list(dl)
+    shards_in_batch = [len(set((b['example_idx'] // 14).tolist())) for b in e0]
+    assert max(shards_in_batch) >= 3
+    assert not torch.equal(e0[0]['example_idx'], e1[0]['example_idx'])
+    m = dl.metrics(e0[0])
+    assert set(m) == {'loader/example_entropy', 'loader/example_entropy_normalized', 'loader/token_entropy', 'loader/token_entropy_normalized',
+                      'loader/example_coverage', 'loader/token_coverage', 'loader/read_mb', 'loader/read_mb_s'}
+    assert 0.5 < m['loader/example_entropy_normalized'] <= 1 and 0 < m['loader/example_coverage'] <= 1 and m['loader/read_mb'] > 0
+
+
+def test_seeded_reproducible_and_seed_matters(sd):
+    cfg = ShuffledConfig(shards=sd, layer=9, batch_size=64, buffer_batches=2, block_examples=4, block_tokens=4, seed=5)
+    a = [b['acts'] for b in ShuffledLoader(cfg).iter_batches(1000)]
+    b = [b['acts'] for b in ShuffledLoader(cfg).iter_batches(1000)]
+    c = [b['acts'] for b in ShuffledLoader(dataclasses.replace(cfg, seed=6)).iter_batches(1000)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], c[0])
+
+
+@pytest.mark.parametrize('read', ['cache', 'buffer'])
+def test_resume_equals_suffix_and_skips_reading(sd, read):
+    cfg = ShuffledConfig(shards=sd, layer=9, batch_size=50, buffer_batches=1, block_examples=2, block_tokens=6, seed=2, read=read)
+    n = 3 * 600 + 70  # 3 epochs and a bit; batches cross epoch boundaries
+    full_dl = ShuffledLoader(cfg)
+    full = list(full_dl.iter_batches(n))
+    assert [len(b['acts']) for b in full] == [50] * 37 + [20]
+    keys = torch.cat([_key(b, P, 0) for b in full])
+    for e in range(3): assert sorted(keys[e * 600:(e + 1) * 600].tolist()) == list(range(600))
+    dl = ShuffledLoader(cfg)
+    tail = list(dl.iter_batches(n, start_batch=35))
+    assert len(tail) == 3
+    for x, y in zip(tail, full[35:]):
+        assert torch.equal(x['acts'], y['acts']) and torch.equal(x['example_idx'], y['example_idx'])
+    assert dl.read_bytes < full_dl.read_bytes / 5  # only the windows from batch 35 on were read
+    assert list(ShuffledLoader(cfg).iter_batches(n, start_batch=40)) == []
+
+
+def test_ignore_labels_and_drop_last(sd):
+    labels = np.fromfile(sd / 'labels.bin', dtype=np.uint8).reshape(50, P)
+    dl = ShuffledLoader(ShuffledConfig(shards=sd, layer=2, batch_size=64, ignore_labels=(0, 3), drop_last=True))
+    n_keep = int((~np.isin(labels, [0, 3])).sum())
+    assert dl.n_tokens == n_keep and len(dl) == n_keep // 64
+    batches = list(dl)
+    assert len(batches) == n_keep // 64 and all(len(b['acts']) == 64 for b in batches)
+    labs = torch.cat([b['labels'] for b in batches])
+    assert not torch.isin(labs, torch.tensor([0, 3])).any()
+    for b in batches: assert torch.equal(b['labels'], torch.from_numpy(labels[b['example_idx'].numpy(), b['token_idx'].numpy()].astype(np.int64)))
+
+
+@pytest.mark.parametrize('dtype', ['float16', 'bfloat16'])
+def test_half_shards_and_output_dtype(tmp_path, dtype):
+    kw = dict(n_examples=20, layers=(0,), d_model=8, content_tokens=6, seed=0, max_tokens_per_shard=7 * 7)
+    f32, half = make_random_shards(tmp_path, **kw), make_random_shards(tmp_path, dtype=dtype, **kw)
+    ref = IndexedDataset(f32, 0)[torch.arange(120)]['acts']
+    for out in ['float32', 'bfloat16']:
+        b = next(iter(ShuffledLoader(ShuffledConfig(shards=half, layer=0, batch_size=120, dtype=out))))
+        assert b['acts'].dtype == getattr(torch, out)
+        k = _key(b, 6, 0)
+        torch.testing.assert_close(b['acts'].float(), ref[k], atol=0.1, rtol=0.02)
+    o = next(iter(OrderedLoader(OrderedConfig(shards=half, layer=0, batch_size=120, dtype='float32'))))
+    torch.testing.assert_close(o['acts'], ref, atol=0.1, rtol=0.02)
+    torch.testing.assert_close(IndexedDataset(half, 0)[torch.arange(120)]['acts'].float(), ref, atol=0.1, rtol=0.02)
+
+
+def test_normalizer_fit_save_load_and_loader(sd, tmp_path):
+    sd2 = Path(shutil.copytree(sd, tmp_path / sd.name))
+    nz = Normalizer.fit(sd2, 5, n_tokens=10_000)
+    x = IndexedDataset(sd2, 5)[torch.arange(600)]['acts']
+    torch.testing.assert_close(nz(x).norm(dim=1).mean(), torch.tensor(4.0), atol=1e-3, rtol=0)
+    torch.testing.assert_close(nz.inverse(nz(x)), x, atol=1e-4, rtol=1e-4)
+    assert not Normalizer.fpath(sd2, 5).exists()
+    dl = ShuffledLoader(ShuffledConfig(shards=sd2, layer=5, batch_size=600, normalize=True))
+    assert Normalizer.fpath(sd2, 5).exists()  # fitted and saved next to the shards
+    b = next(iter(dl))
+    torch.testing.assert_close(b['acts'], nz(x[_key(b, P, 0)]), atol=1e-4, rtol=1e-4)
+    assert Normalizer.load(sd2, 5).scale == pytest.approx(nz.scale)
+    nz.to_file(tmp_path / 'n.safetensors')
+    assert Normalizer.from_file(tmp_path / 'n.safetensors').mean_d.shape == (16,)
+    with pytest.raises(FileNotFoundError, match='no normalizer saved'): Normalizer.load(sd2, 9)
+
+
+def test_ordered_and_indexed(sd):
+    odl = OrderedLoader(OrderedConfig(shards=sd, layer=9, tokens='all', batch_size=40))
+    assert odl.batch_size == 39 and len(odl) == 17
+    batches = list(odl)
+    keys = torch.cat([_key(b, P + 1, 1) for b in batches])
+    assert keys.tolist() == list(range(50 * 13))
+    ref = _stored(sd, 9).reshape(-1, 16)
+    np.testing.assert_array_equal(torch.cat([b['acts'] for b in batches]).numpy(), ref)
+    ds = IndexedDataset(sd, 9, 'all')
+    idx = torch.tensor([0, 13, 649, 300, -1])
+    got = ds[idx]
+    np.testing.assert_array_equal(got['acts'].numpy(), ref[idx.numpy() % 650])
+    assert torch.equal(ds[300]['acts'], got['acts'][3]) and int(ds[0]['token_idx']) == -1
+    with pytest.raises(IndexError, match='out of range'): ds[torch.tensor([650])]
+
+
+def test_saev_named_directory_loads(sd, tmp_path):
+    "saev names the directory by 8 hex characters of its own hash; the loaders do not care."
+    d = Path(shutil.copytree(sd, tmp_path / 'deadbeef'))
+    assert len(list(ShuffledLoader(ShuffledConfig(shards=d, layer=2, batch_size=100)))) == 6
+
+
+# ---- failures: one clear line, raised in the consumer, never a hang ----
+
+def _broken(sd, tmp_path, name='b'):
+    return Path(shutil.copytree(sd, tmp_path / name))
+
+
+@pytest.mark.parametrize('damage,msg', [
+    (lambda d: (d / 'acts000002.bin').unlink(), 'acts000002.bin: missing but listed in shards.json'),
+    (lambda d: os.truncate(d / 'acts000001.bin', 0), 'acts000001.bin: empty file'),
+    (lambda d: os.truncate(d / 'acts000003.bin', 1000), 'acts000003.bin: truncated'),
+    (lambda d: (d / 'shards.json').write_text(json.dumps([{'name': shard_name(i), 'n_examples': 14} for i in range(4)])), 'counts sum to 56 examples but metadata.json says 50'),
+    (lambda d: (d / 'shards.json').write_text(json.dumps([{'name': 'x.bin', 'n_examples': 50}])), "lists ['x.bin']"),
+    (lambda d: (d / 'shards.json').unlink(), 'shards.json: missing'),
+    (lambda d: (d / 'metadata.json').unlink(), 'metadata.json: missing'),
+    (lambda d: os.truncate(d / 'labels.bin', 10), 'labels.bin: 10 bytes, expected 600'),
+])
+def test_bad_shard_directories(sd, tmp_path, damage, msg):
+    d = _broken(sd, tmp_path)
+    damage(d)
+    for make in (lambda: ShuffledLoader(ShuffledConfig(shards=d, layer=2, batch_size=10)),
+                 lambda: OrderedLoader(OrderedConfig(shards=d, layer=2, batch_size=20)), lambda: IndexedDataset(d, 2)):
+        with pytest.raises(ShardError) as e: make()
+        assert msg in str(e.value) and '\n' not in str(e.value) and str(d) in str(e.value)
+
+
+def test_bad_requests(sd, tmp_path):
+    with pytest.raises(ShardError, match=r'layer 4 was not recorded \(layers: \[2, 5, 9\]\)'): ShuffledLoader(ShuffledConfig(shards=sd, layer=4))
+    with pytest.raises(ValueError, match='use a batch size in 1..600'): ShuffledLoader(ShuffledConfig(shards=sd, layer=2, batch_size=601))
+    with pytest.raises(ValueError, match='use a batch size in 12..600'): OrderedLoader(OrderedConfig(shards=sd, layer=2, batch_size=601))
+    with pytest.raises(ValueError, match='smaller than one example'): OrderedLoader(OrderedConfig(shards=sd, layer=2, batch_size=5))
+    nolab = make_random_shards(tmp_path, n_examples=6, layers=(0,), d_model=8, content_tokens=4, labels=False)
+    with pytest.raises(ShardError, match='labels.bin: missing, but ignore_labels=\\[0\\] needs patch labels'):
+        ShuffledLoader(ShuffledConfig(shards=nolab, layer=0, batch_size=4, ignore_labels=(0,)))
+    nocls = make_random_shards(tmp_path, n_examples=6, layers=(0,), d_model=8, content_tokens=4, cls_token=False)
+    with pytest.raises(ShardError, match="cls_token is false"): ShuffledLoader(ShuffledConfig(shards=nocls, layer=0, tokens='cls', batch_size=4))
+    with pytest.raises(ShardError, match='not a directory'): ShuffledLoader(ShuffledConfig(shards=tmp_path / 'nope', layer=0))
+
+
+@pytest.mark.parametrize('read,msg', [('cache', 'shrank to 64 bytes while loading'), ('buffer', 'ended at byte')])
+def test_file_breaking_mid_run_raises_in_consumer(sd, tmp_path, read, msg):
+    d = _broken(sd, tmp_path)
+    dl = ShuffledLoader(ShuffledConfig(shards=d, layer=2, batch_size=20, buffer_batches=1, block_examples=2, block_tokens=12, read=read))
+    it = iter(dl)
+    next(it)
+    os.truncate(d / 'acts000002.bin', 64)
+    t = time.time()
+    with pytest.raises(ShardError, match=msg): list(it)
+    assert time.time() - t < 10
+
+
+def test_ordered_file_breaking_raises(sd, tmp_path):
+    d = _broken(sd, tmp_path)
+    odl = OrderedLoader(OrderedConfig(shards=d, layer=2, batch_size=12 * 14))
+    os.truncate(d / 'acts000001.bin', 64)
+    with pytest.raises(ShardError, match='acts000001.bin: ended at byte'): list(odl)
+
+
+def test_background_errors_and_dead_workers_never_hang():
+    def boom(stop):
+        yield 1
+        raise KeyError('worker failed')
+    t = time.time()
+    with pytest.raises(KeyError, match='worker failed'): list(background(boom))
+    def dies(stop):
+        yield 1
+        raise SystemExit  # BaseException also travels to the consumer
+    with pytest.raises(SystemExit): list(background(dies))
+    assert time.time() - t < 5
+
+
+def test_early_break_stops_threads(sd):
+    before = {t.ident for t in threading.enumerate()}
+    dl = ShuffledLoader(ShuffledConfig(shards=sd, layer=2, batch_size=10, buffer_batches=1, block_examples=1, block_tokens=2, read='buffer'))
+    for i, b in enumerate(dl.iter_batches(10**6)):
+        if i == 3: break
+    deadline = time.time() + 5
+    while time.time() < deadline and any(t.name.startswith('saev') and t.ident not in before for t in threading.enumerate()): time.sleep(0.05)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith('saev') and t.ident not in before]
+
+
+def test_kept_batches_are_never_overwritten(sd):
+    "Output slots are recycled only when the consumer dropped them; keeping every batch must stay correct."
+    dl = ShuffledLoader(ShuffledConfig(shards=sd, layer=5, batch_size=20, buffer_batches=2, block_examples=2, block_tokens=3))
+    kept = list(dl.iter_batches(1200))
+    ref = _stored(sd, 5)
+    for b in kept: np.testing.assert_array_equal(b['acts'].numpy(), ref[b['example_idx'].numpy(), b['token_idx'].numpy() + 1])
+
+
+def test_batch_entropy():
+    h, hn, cov = batch_entropy(torch.tensor([0, 0, 1, 1]), 4)
+    assert h == pytest.approx(np.log(2)) and hn == pytest.approx(0.5) and cov == 0.5
+
+
+def test_bench_loader_small():
+    r = bench_loader(BenchLoaderConfig(size_gb=0.01, shard_gb=0.004, d_model=32, content_tokens=32, batch_size=512, block_tokens=4, n_repeats=1))
+    assert r['n_tokens'] > 0 and r['shuffled_gbs'] > 0 and r['memcpy_gbs'] > 0 and 0.8 < r['entropy_ratio'] <= 1.05
+
+
+def test_cli_bench_loader(tmp_path):
+    out = subprocess.run([sys.executable, '-m', 'saev_nb.cli', 'bench', 'loader', '--size-gb', '0.01', '--shard-gb', '0.004', '--d-model', '32',
+                          '--content-tokens', '32', '--batch-size', '512', '--n-repeats', '1', '--dpath', str(tmp_path / 'b')],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert 'shuffled loader' in out.stdout and 'memcpy (same bytes)' in out.stdout and 'ratio' in out.stdout
+    assert out.stdout.strip().splitlines()[-1] == str((tmp_path / 'b').resolve())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='checks the CPU-only guard')
+def test_cuda_device_without_gpu_is_one_clear_line(sd):
+    with pytest.raises(ValueError, match="torch sees no CUDA device; use device='cpu'"):
+        ShuffledLoader(ShuffledConfig(shards=sd, layer=2, batch_size=10, device='cuda'))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU')
+def test_cuda_delivery_pinned_non_blocking(sd):
+    dl = ShuffledLoader(ShuffledConfig(shards=sd, layer=5, batch_size=64, device='cuda'))
+    ref = _stored(sd, 5)
+    for b in dl.iter_batches(2000):
+        assert b['acts'].is_cuda
+        np.testing.assert_array_equal(b['acts'].cpu().numpy(), ref[b['example_idx'].cpu().numpy(), b['token_idx'].cpu().numpy() + 1])
