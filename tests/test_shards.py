@@ -1,0 +1,290 @@
+"""saev_nb.shards: stored activations against an independent forward, resumability (crash hook and SIGKILL), n_jobs=2
+through submitit's local executor, dtypes, validation, and one clear line for every bad input."""
+import dataclasses, json, os, resource, signal, subprocess, sys, time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from saev_nb.data import SegFolderConfig, ImgFolderConfig, make_dataset, tiny_dataset
+from saev_nb.models import load_vit, pixel_to_patch_labels
+from saev_nb.shards import (Metadata, ShardError, ShardsConfig, as_torch, load_shard_info, make_random_shards, open_labels,
+                            open_shard, validate_shards, write_shards, vit_for_shards)
+import saev_nb.shards as shards_mod
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope='module')
+def seg_root(): return tiny_dataset()
+
+
+def _cfg(seg_root, tmp_path, **kw):
+    base = dict(data=SegFolderConfig(root=seg_root), shards_root=tmp_path / 'shards', layers=(-1, 1), batch_size=16, n_workers=0,
+                max_tokens_per_shard=65 * 2 * 24)
+    return ShardsConfig(**{**base, **kw})
+
+
+def _all_acts(dpath):
+    md = Metadata.load(dpath)
+    return np.concatenate([np.asarray(open_shard(dpath, i, md))[:d['n_examples']] for i, d in enumerate(load_shard_info(dpath))])
+
+
+def _independent(vit, ds, layers, cls_token):
+    "Own forward: embed, then a plain loop over the blocks, keeping CLS (index 0) and the last n_patches tokens."
+    x = torch.stack([ds[i]['image'] for i in range(len(ds))])
+    with torch.inference_mode():
+        h, outs = vit.embed(x), []
+        for blk in vit.blocks: h = blk(h); outs.append(h)
+    keep = lambda t: torch.cat([t[:, :1], t[:, -vit.n_patches:]], 1) if cls_token else t[:, -vit.n_patches:]
+    return torch.stack([keep(outs[l]) for l in layers], 1).numpy()
+
+
+@pytest.mark.parametrize('cls_token', [True, False])
+def test_clip_shards_match_independent_forward(seg_root, tmp_path, cls_token):
+    cfg = _cfg(seg_root, tmp_path, cls_token=cls_token, layers=(0, -1, 2), max_tokens_per_shard=(64 + cls_token) * 3 * 20)
+    d = write_shards(cfg, progress=False)
+    md = validate_shards(d)
+    assert [s['n_examples'] for s in load_shard_info(d)] == [20, 20, 20, 4]  # several shards, partial last one
+    assert md.layers == (0, 2, 3) and md.tokens_per_example == 64 + cls_token and md.d_model == 128
+    vit = load_vit('clip', cfg.ckpt)
+    ds = make_dataset(cfg.data, vit.img_transform, vit.seg_transform)
+    np.testing.assert_allclose(_all_acts(d), _independent(vit, ds, [0, 2, 3], cls_token), rtol=1e-5, atol=1e-5)
+    assert not np.asarray(open_shard(d, 3, md))[4:].any()  # padding of the last, partial shard
+    lab = np.stack([pixel_to_patch_labels(ds[i]['labels'], 8)[0].numpy() for i in range(len(ds))])
+    np.testing.assert_array_equal(open_labels(d), lab)
+    assert open_labels(d).shape == (64, 64) and 0 < len(np.unique(lab)) <= 9
+
+
+@pytest.mark.parametrize('name', ['vit_small_patch14_dinov2.lvd142m', 'vit_small_patch14_reg4_dinov2.lvd142m'])
+def test_dinov2_shards_match_timm(seg_root, tmp_path, name):
+    cfg = _cfg(seg_root, tmp_path, family='dinov2', ckpt=f'{name}/random', img_size=56, layers=(-2, 3), max_tokens_per_shard=17 * 2 * 30)
+    d = write_shards(cfg, progress=False)
+    md = validate_shards(d)
+    assert (md.content_tokens_per_example, md.d_model, md.n_shards) == (16, 384, 3)
+    vit = vit_for_shards(md)  # metadata has no image size: recovered from the patch count
+    assert vit.img_size == (56, 56)
+    ds = make_dataset(cfg.data, vit.img_transform, vit.seg_transform)
+    x = torch.stack([ds[i]['image'] for i in range(len(ds))])
+    with torch.inference_mode():
+        _, inter = vit.model.forward_intermediates(x, indices=[3, 10], return_prefix_tokens=True, output_fmt='NLC')
+    want = np.stack([torch.cat([pre[:, :1], pat], 1).numpy() for pat, pre in inter], 1)  # CLS + patches, registers dropped
+    np.testing.assert_allclose(_all_acts(d), want, rtol=1e-4, atol=1e-4)
+
+
+def test_exact_fill_writes_no_extra_shard(seg_root, tmp_path):
+    d = write_shards(_cfg(seg_root, tmp_path, max_tokens_per_shard=65 * 2 * 32), progress=False)
+    assert sorted(p.name for p in d.glob('acts*.bin')) == ['acts000000.bin', 'acts000001.bin']
+    assert [s['n_examples'] for s in load_shard_info(d)] == [32, 32]
+
+
+def test_metadata_is_plain_json_with_full_hash(seg_root, tmp_path):
+    d = write_shards(_cfg(seg_root, tmp_path), progress=False)
+    raw = json.loads((d / 'metadata.json').read_text())
+    assert set(raw) == {'family', 'ckpt', 'layers', 'content_tokens_per_example', 'cls_token', 'd_model', 'n_examples',
+                        'max_tokens_per_shard', 'data', 'dataset', 'pixel_agg', 'dtype', 'protocol'}
+    assert raw['protocol'] == '2.1' and raw['data']['kind'] == 'img-seg-folder' and raw['dataset'] == str(Path(seg_root).resolve())
+    import hashlib
+    assert d.name == hashlib.sha256(json.dumps(raw, sort_keys=True, separators=(',', ':')).encode()).hexdigest()
+
+
+@pytest.mark.parametrize('dtype', ['float16', 'bfloat16'])
+def test_half_storage(seg_root, tmp_path, dtype):
+    d32 = write_shards(_cfg(seg_root, tmp_path), progress=False)
+    d16 = write_shards(_cfg(seg_root, tmp_path, dtype=dtype), progress=False)
+    md = validate_shards(d16)
+    assert md.dtype == dtype and md.shard_nbytes * 2 == Metadata.load(d32).shard_nbytes
+    a32 = torch.from_numpy(np.array(open_shard(d32, 0)))
+    assert torch.equal(as_torch(np.asarray(open_shard(d16, 0)), dtype), a32.to(getattr(torch, dtype)))
+
+
+def test_img_folder_has_no_labels(tmp_path):
+    from PIL import Image
+    for c in ['a', 'b']:
+        (tmp_path / 'imgs' / c).mkdir(parents=True)
+        for i in range(3): Image.fromarray(np.full((70, 80, 3), 40 * i, np.uint8)).save(tmp_path / 'imgs' / c / f'{i}.jpg')
+    d = write_shards(ShardsConfig(data=ImgFolderConfig(root=tmp_path / 'imgs'), shards_root=tmp_path / 's', n_workers=0), progress=False)
+    assert validate_shards(d).n_examples == 6 and open_labels(d) is None
+
+
+def test_crash_midway_then_resume_is_byte_identical(seg_root, tmp_path):
+    ref = write_shards(_cfg(seg_root, tmp_path, shards_root=tmp_path / 'ref'), progress=False)
+    cfg = _cfg(seg_root, tmp_path, shards_root=tmp_path / 'crash')
+    with pytest.raises(RuntimeError, match='simulated crash after 3 batches'): write_shards(cfg, progress=False, _crash_after=3)
+    d = tmp_path / 'crash' / ref.name
+    assert [s['n_examples'] for s in load_shard_info(d)] == [24]  # batches 0-1 fill shard 0; batch 2 is half of shard 1
+    with pytest.raises(ShardError, match='incomplete'): validate_shards(d)
+    assert write_shards(cfg, progress=False) == d
+    for f in sorted(ref.iterdir()): assert f.read_bytes() == (d / f.name).read_bytes(), f.name
+
+
+def _cli(*args, **kw):
+    "The real command line in a child process (for kill/rlimit tests and the no-traceback check)."
+    return subprocess.run([sys.executable, '-m', 'saev_nb.cli', *map(str, args)], capture_output=True, text=True, cwd=ROOT, **kw)
+
+
+def _main(*args):
+    "The same command line in-process (`saev_nb.cli.main`): returns (exit message or None, stdout lines)."
+    import contextlib, io
+    from saev_nb.cli import main
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        try: main(list(map(str, args)))
+        except SystemExit as e: return str(e.code), out.getvalue().splitlines()
+    return None, out.getvalue().splitlines()
+
+
+def test_sigkill_then_rerun_same_command(seg_root, tmp_path):
+    args = ['shards', '--shards-root', tmp_path / 'k', '--family', 'dinov2', '--ckpt', 'vit_small_patch14_reg4_dinov2.lvd142m/random',
+            '--img-size', 112, '--layers', -1, '--batch-size', 4, '--n-workers', 0, '--max-tokens-per-shard', 65 * 8,
+            'data:img-seg-folder', '--data.root', seg_root]
+    p = subprocess.Popen([sys.executable, '-m', 'saev_nb.cli', *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    killed_at, t0 = None, time.time()
+    while p.poll() is None and time.time() - t0 < 120:
+        js = list((tmp_path / 'k').glob('*/shards.json'))
+        if js and len(json.loads(js[0].read_text())) >= 2: p.send_signal(signal.SIGKILL); killed_at = len(json.loads(js[0].read_text())); break
+        time.sleep(0.02)
+    p.wait()
+    assert killed_at is not None and killed_at < 8, 'the run finished before it could be killed'
+    d = js[0].parent
+    with pytest.raises(ShardError, match='incomplete'): validate_shards(d)
+    err, out = _main(*args)
+    assert err is None and out[-1] == str(d)
+    validate_shards(d)
+    cfg = ShardsConfig(data=SegFolderConfig(root=seg_root), shards_root=tmp_path / 'ref', family='dinov2', ckpt='vit_small_patch14_reg4_dinov2.lvd142m/random',
+                       img_size=112, layers=(-1,), batch_size=4, n_workers=0, max_tokens_per_shard=65 * 8)
+    ref = write_shards(cfg, progress=False)
+    assert ref.name == d.name
+    for f in sorted(ref.iterdir()): assert f.read_bytes() == (d / f.name).read_bytes(), f.name
+
+
+def test_n_jobs_2_local_submitit(seg_root, tmp_path):
+    cfg = _cfg(seg_root, tmp_path, n_jobs=2, log_to=tmp_path / 'logs', max_tokens_per_shard=65 * 2 * 16)
+    d = write_shards(cfg, progress=False)
+    assert [s['n_examples'] for s in load_shard_info(d)] == [16] * 4
+    assert len(list((tmp_path / 'logs').glob('*_log.out'))) == 2  # two submitit jobs ran
+    one = write_shards(dataclasses.replace(cfg, n_jobs=1, shards_root=tmp_path / 'one'), progress=False)
+    np.testing.assert_allclose(_all_acts(d), _all_acts(one), rtol=1e-5, atol=1e-5)
+    assert (d / 'labels.bin').read_bytes() == (one / 'labels.bin').read_bytes()
+
+
+def test_validate_finds_problems(tmp_path):
+    d = make_random_shards(tmp_path / 'r', n_examples=20, max_tokens_per_shard=17 * 2 * 8)
+    assert validate_shards(d).n_shards == 3
+    def broken(fn):
+        import shutil
+        b = tmp_path / 'b' / d.name
+        if b.exists(): shutil.rmtree(b)
+        shutil.copytree(d, b); fn(b); return b
+    cases = [(lambda b: (b / 'acts000001.bin').unlink(), 'acts000001.bin: missing'),
+             (lambda b: os.truncate(b / 'acts000002.bin', 100), 'acts000002.bin: 100 bytes, expected'),
+             (lambda b: (b / 'acts000003.bin').write_bytes(b'x'), 'acts000003.bin: extra shard file'),
+             (lambda b: (b / 'shards.json').write_text(json.dumps(json.loads((b / 'shards.json').read_text())[:2])), 'incomplete, 1 of 3'),
+             (lambda b: (b / 'shards.json').write_text(json.dumps([{**s, 'n_examples': 7} for s in json.loads((b / 'shards.json').read_text())])), 'says 7 examples, expected 8'),
+             (lambda b: (b / 'labels.bin').write_bytes(b'\xff' * (20 * 16)), 'label 255 out of range'),
+             (lambda b: os.truncate(b / 'labels.bin', 10), 'labels.bin: 10 bytes'),
+             (lambda b: (b / 'metadata.json').unlink(), 'metadata.json: missing')]
+    for fn, msg in cases:
+        with pytest.raises(ShardError, match=msg) as e: validate_shards(broken(fn))
+        assert '\n' not in str(e.value)
+    err, _ = _main('shards', 'validate', broken(cases[0][0]))
+    assert err.startswith('saev_nb shards validate: ') and 'acts000001.bin: missing' in err and '\n' not in err
+    err, out = _main('shards', 'validate', d)
+    assert err is None and out[-1] == str(d) and out[0].startswith('ok: 20 examples')
+
+
+@pytest.mark.parametrize('dtype,cls_token', [('float32', True), ('float16', False), ('bfloat16', True)])
+def test_make_random_shards(tmp_path, dtype, cls_token):
+    d = make_random_shards(tmp_path, n_examples=30, layers=(2, 5), d_model=8, content_tokens=4, cls_token=cls_token, dtype=dtype)
+    md = validate_shards(d)
+    assert md.dtype == dtype and md.layers == (2, 5) and md.tokens_per_example == 4 + cls_token and md.n_shards == 3
+    assert make_random_shards(tmp_path, n_examples=30, layers=(2, 5), d_model=8, content_tokens=4, cls_token=cls_token, dtype=dtype) == d
+    assert open_labels(d).max() < 8
+
+
+# --- bad input: one clear line each, nothing half-written that looks complete --------------------------------------
+
+def _bad(seg_root, tmp_path, *flags):
+    err, _ = _main('shards', '--shards-root', tmp_path / 'shards', '--n-workers', 0, *flags, 'data:img-seg-folder', '--data.root', seg_root)
+    assert err is not None and err.startswith('saev_nb shards: ') and '\n' not in err
+    return err
+
+
+def test_bad_input_in_a_real_process_is_one_line(seg_root, tmp_path):
+    r = _cli('shards', '--shards-root', tmp_path / 'shards', '--layers', 9, 'data:img-seg-folder', '--data.root', seg_root)
+    assert r.returncode == 1 and 'Traceback' not in r.stderr
+    assert r.stderr.strip().splitlines() == ['saev_nb shards: saev-tiny/random: layer 9 out of range for 4 blocks (valid: -4..3)']
+
+
+@pytest.mark.parametrize('flags,msg', [
+    (['--family', 'resnet'], "unknown family 'resnet'"),
+    (['--ckpt', 'ViT-Q-1/random'], "unknown open_clip model 'ViT-Q-1'"),
+    (['--ckpt', 'ViT-B-16/bogus'], "unknown pretrained tag 'bogus'"),
+    (['--layers', 4], 'layer 4 out of range for 4 blocks'),
+    (['--layers', -5], 'layer -5 out of range'),
+    (['--d-model', 768], 'd_model=768 given but the model'),
+    (['--content-tokens-per-example', 196], 'content_tokens_per_example=196 given'),
+])
+def test_bad_model_inputs(seg_root, tmp_path, flags, msg):
+    assert msg in _bad(seg_root, tmp_path, *flags)
+    assert not (tmp_path / 'shards').exists()  # nothing written before the checks pass
+
+
+def test_bad_data_root(tmp_path):
+    err, _ = _main('shards', '--shards-root', tmp_path / 's', 'data:img-seg-folder', '--data.root', tmp_path / 'nope')
+    assert 'no such folder' in err and '\n' not in err
+
+
+def test_unwritable_directory(seg_root, tmp_path):
+    (tmp_path / 'afile').write_text('x')
+    line = _bad(seg_root, tmp_path, '--shards-root', tmp_path / 'afile' / 'shards')
+    assert 'cannot create or write the shard directory' in line and 'choose a writable --shards-root' in line
+    if os.geteuid() != 0:
+        (tmp_path / 'ro').mkdir(); os.chmod(tmp_path / 'ro', 0o500)
+        assert 'cannot create or write' in _bad(seg_root, tmp_path, '--shards-root', tmp_path / 'ro')
+
+
+def test_disk_full_file_size_limit(seg_root, tmp_path):
+    "RLIMIT_FSIZE (bytes per file) in the child: the first shard file cannot be allocated; the directory stays incomplete."
+    args = ['shards', '--shards-root', tmp_path / 'shards', '--n-workers', 0, '--max-tokens-per-shard', 65 * 2 * 24,
+            '--layers', -1, 1, 'data:img-seg-folder', '--data.root', seg_root]
+    lim = 65 * 2 * 24 * 128 * 4 - 1  # one byte less than one shard file
+    r = _cli(*args, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (lim, lim)))
+    assert r.returncode != 0 and 'Traceback' not in r.stderr, r.stderr
+    assert 'disk full or file size limit hit' in r.stderr.strip().splitlines()[-1]
+    d = next((tmp_path / 'shards').iterdir())
+    with pytest.raises(ShardError): validate_shards(d)
+    err, out = _main(*args)  # with space again, the same command completes the directory
+    assert err is None and out[-1] == str(d) and validate_shards(d).n_examples == 64
+
+
+def test_not_enough_free_space(seg_root, tmp_path, monkeypatch):
+    import shutil, collections
+    monkeypatch.setattr(shards_mod.shutil, 'disk_usage', lambda p: collections.namedtuple('du', 'total used free')(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(ShardError, match=r'needs 0.\d+ GB of disk but only 0.00 GB is free'): write_shards(_cfg(seg_root, tmp_path), progress=False)
+    assert not list((tmp_path / 'shards').glob('*/acts*.bin'))
+
+
+def test_existing_directory_with_other_metadata(seg_root, tmp_path):
+    d = write_shards(_cfg(seg_root, tmp_path), progress=False)
+    md = json.loads((d / 'metadata.json').read_text())
+    (d / 'metadata.json').write_text(json.dumps({**md, 'n_examples': 999}))
+    line = _bad(seg_root, tmp_path, '--layers', -1, 1, '--batch-size', 16, '--max-tokens-per-shard', 65 * 2 * 24)
+    assert f'{d}: exists with different metadata (n_examples)' in line
+
+
+def test_siglip_without_cls_is_an_error_with_cls(seg_root, tmp_path):
+    with pytest.raises(Exception, match='no CLS token'):
+        write_shards(_cfg(seg_root, tmp_path, ckpt='ViT-B-16-SigLIP/random'), progress=False)
+
+
+def test_slurm_requested_without_slurm(seg_root, tmp_path, monkeypatch):
+    monkeypatch.setattr(shards_mod.shutil, 'which', lambda name: None)
+    with pytest.raises(ShardError, match='--slurm-acct myacct given but Slurm is not available here'):
+        write_shards(_cfg(seg_root, tmp_path, slurm_acct='myacct', slurm_partition='gpu', n_jobs=2), progress=False)
+
+
+def test_bad_shard_budget_and_batch(seg_root, tmp_path):
+    assert 'smaller than one example' in _bad(seg_root, tmp_path, '--max-tokens-per-shard', 50)
+    assert 'batch_size=0' in _bad(seg_root, tmp_path, '--batch-size', 0)
