@@ -12,17 +12,7 @@ from saev_nb.probe import (BatchedAdamW, LinearProbes, SweepError, confusion, lo
                            save_probe, seg_scores, stack_probes, train_probes)
 
 
-def cli(*args, check=True):
-    "The real console entry point, in a subprocess."
-    r = subprocess.run([sys.executable, '-m', 'saev_nb.cli', *map(str, args)], capture_output=True, text=True)
-    if check: assert r.returncode == 0, r.stderr[-3000:]
-    return r
-
-
-def run(fn, *args):
-    "A CLI function with its config parsed by tyro from `args`, in-process (saves the interpreter start-up)."
-    import typing, tyro
-    return fn(tyro.cli(typing.get_type_hints(fn)['cfg'], args=[str(a) for a in args]))
+from helpers import cli, run
 
 
 @pytest.fixture(scope='module')

@@ -14,17 +14,7 @@ from saev_nb.suppress import (CONDITIONS, F1Counts, bootstrap_ratio, change_coun
                               matched_latents, patch_purity, probe_predictor, run_suppression, summarize, suppress, tail_predictor, top_latents)
 
 
-def cli(*args, check=True):
-    "The real console entry point, in a subprocess."
-    r = subprocess.run([sys.executable, '-m', 'saev_nb.cli', *map(str, args)], capture_output=True, text=True)
-    if check: assert r.returncode == 0, r.stderr[-3000:]
-    return r
-
-
-def run(fn, *args):
-    "A CLI function with its config parsed by tyro from `args`, in-process (saves the interpreter start-up)."
-    import typing, tyro
-    return fn(tyro.cli(typing.get_type_hints(fn)['cfg'], args=[str(a) for a in args]))
+from helpers import cli, run
 
 
 def f1_brute(f, y, keep, thresholds, n_classes):
