@@ -51,6 +51,22 @@ def test_epoch_every_token_once_with_right_values(sd, read, tokens, n_t, off):
         if tokens == 'cls': assert (b['token_idx'] == -1).all() and (b['labels'] == -1).all()
 
 
+
+@pytest.mark.parametrize('read', ['cache', 'buffer'])
+def test_windows_of_hundreds_of_batches_and_batches_spanning_windows(sd, read):
+    "More than 255 batch chunks per window (16-bit chunk numbers in the plan), and batches that straddle windows, epochs and shards."
+    ref = _stored(sd, 9)
+    for bs, bb in [(1, 400), (3, 300), (29, 1)]:
+        dl = ShuffledLoader(ShuffledConfig(shards=sd, layer=9, batch_size=bs, buffer_batches=bb, block_examples=2, block_tokens=5, read=read, seed=bs))
+        n = dl.n_tokens
+        batches = list(dl.iter_batches(2 * n + bs // 2))
+        keys = torch.cat([_key(b, P, 0) for b in batches])
+        assert sorted(keys[:n].tolist()) == sorted(keys[n:2 * n].tolist()) == list(range(50 * P))
+        assert [len(b['acts']) for b in batches[:-1]] == [bs] * (len(batches) - 1)
+        for b in batches[::7]: np.testing.assert_array_equal(b['acts'].numpy(), ref[b['example_idx'].numpy(), b['token_idx'].numpy() + 1])
+        tail = list(ShuffledLoader(dl.cfg).iter_batches(2 * n + bs // 2, start_batch=len(batches) // 2))
+        assert all(torch.equal(x[k], y[k]) for x, y in zip(batches[len(batches) // 2:], tail) for k in x) and len(tail) == len(batches) - len(batches) // 2
+
 def test_mixing_spans_shards_and_epochs_differ(sd):
     dl = ShuffledLoader(ShuffledConfig(shards=sd, layer=2, batch_size=100, buffer_batches=2, block_examples=2, block_tokens=4, seed=1))
     e0, e1 = list(dl), list(dl)
