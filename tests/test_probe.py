@@ -12,19 +12,13 @@ from saev_nb.probe import (BatchedAdamW, LinearProbes, SweepError, confusion, lo
                            save_probe, seg_scores, stack_probes, train_probes)
 
 
-from helpers import cli, run
+from helpers import cli, run, tiny_shards
 
 
 @pytest.fixture(scope='module')
 def tiny(tmp_path_factory):
     "Tiny generated data, recorded at blocks 2 and 3 of the random-init tiny ViT (train and val shards)."
-    from saev_nb.data import SegFolderConfig, make_scenes
-    from saev_nb.shards import ShardsConfig, write_shards
-    d = tmp_path_factory.mktemp('tiny')
-    root = make_scenes(d/'ADEChallengeData2016', 48, 16, seed=1, size=96, n_classes=4, progress=False)
-    sh = {s: write_shards(ShardsConfig(data=SegFolderConfig(root, s), shards_root=d/'shards', layers=(2, 3), batch_size=32, n_workers=0), progress=False)
-          for s in ('training', 'validation')}
-    return {'root': root, 'train': sh['training'], 'val': sh['validation'], 'dpath': d}
+    return tiny_shards(tmp_path_factory.mktemp('tiny'), seed=1)
 
 
 def test_sweep_grid_and_errors(tmp_path):

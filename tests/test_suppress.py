@@ -14,7 +14,7 @@ from saev_nb.suppress import (CONDITIONS, F1Counts, bootstrap_ratio, change_coun
                               matched_latents, patch_purity, probe_predictor, run_suppression, summarize, suppress, tail_predictor, top_latents)
 
 
-from helpers import cli, run
+from helpers import cli, run, tiny_shards
 
 
 def f1_brute(f, y, keep, thresholds, n_classes):
@@ -165,13 +165,9 @@ def test_bootstrap_interval_covers_truth():
 @pytest.fixture(scope='module')
 def pipeline(tmp_path_factory):
     "Tiny generated data, shards at blocks 2 and 3, a data-initialised SAE on block 2, probes on blocks 2 and 3."
-    from saev_nb.data import SegFolderConfig, make_scenes
-    from saev_nb.shards import ShardsConfig, write_shards
     from saev_nb.loaders import IndexedDataset
-    d = tmp_path_factory.mktemp('pipe')
-    root = make_scenes(d/'ADEChallengeData2016', 48, 16, seed=2, size=96, n_classes=4, progress=False)
-    sh = {s: write_shards(ShardsConfig(data=SegFolderConfig(root, s), shards_root=d/'shards', layers=(2, 3), batch_size=32, n_workers=0), progress=False)
-          for s in ('training', 'validation')}
+    t = tiny_shards(tmp_path_factory.mktemp('pipe'), seed=2)
+    d, root, sh = t['dpath'], t['root'], {'training': t['train'], 'validation': t['val']}
     ds = IndexedDataset(sh['training'], 2, 'content')
     x = ds[torch.arange(len(ds))]['acts']
     sae = SAE(SAEConfig(d_model=x.shape[1], d_sae=256, activation=Relu()), seed=0)
