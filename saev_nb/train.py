@@ -9,7 +9,7 @@ __all__ = ['NOT_IN_RUN_ID', 'GROUP_KEYS', 'TrainConfig', 'cfg_to_dict', 'run_id'
            'evaluate_saes', 'train_group', 'train', 'train_cli', 'load_run', 'load_normalizer', 'BenchTrainConfig',
            'bench_train', 'bench_train_cli']
 
-# %% ../nbs/05_train.ipynb #3068121e
+# %% ../nbs/05_train.ipynb #a732bc73
 import dataclasses, hashlib, itertools, json, math, os, sys, time, tomllib, typing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,8 +22,9 @@ from tqdm.auto import tqdm
 from .sae import (SAE, SAEConfig, Relu, TopK, BatchTopK, Vanilla, Matryoshka, Objective, ACTIVATIONS, OBJECTIVES,
                          sae_loss, sample_prefixes, save_sae, load_sae, sae_cfg_to_dict, sae_cfg_from_dict, act_name)
 from .loaders import ShuffledConfig, ShuffledLoader
+from .shards import atomic_write
 
-# %% ../nbs/05_train.ipynb #87205eaa
+# %% ../nbs/05_train.ipynb #65d6403c
 @dataclass(frozen=True)
 class TrainConfig:
     "One SAE training run; `--sweep` expands it into a grid."
@@ -92,7 +93,7 @@ class TrainConfig:
     log_to: Path = Path('logs')
     """submitit logs."""
 
-# %% ../nbs/05_train.ipynb #cd2ac78a
+# %% ../nbs/05_train.ipynb #2deb7249
 def _to_jsonable(obj):
     if dataclasses.is_dataclass(obj):
         d = {f.name: _to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
@@ -116,7 +117,7 @@ def run_id(cfg: TrainConfig) -> str:
     for k in ('train_data', 'val_data'): d[k] = {kk: vv for kk, vv in d[k].items() if kk not in ('n_threads',)}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
-# %% ../nbs/05_train.ipynb #6e8ab1d8
+# %% ../nbs/05_train.ipynb #813d9485
 class SweepError(ValueError): pass
 
 def _strip(tp):
@@ -150,7 +151,7 @@ def _coerce(v, tp, where: str):
     names = ' | '.join(getattr(m, '__name__', str(m)) for m in members)
     raise SweepError(f'{where}: expected {names}, got {type(v).__name__} {v!r}; fix this value in the sweep file')
 
-# %% ../nbs/05_train.ipynb #8ae24ac2
+# %% ../nbs/05_train.ipynb #1037bdac
 _KINDS = {'activation': ACTIVATIONS, 'objective': OBJECTIVES}
 
 def override(obj, d: dict, where: str='', src: str='sweep'):
@@ -176,7 +177,7 @@ def override(obj, d: dict, where: str='', src: str='sweep'):
         else: changes[k] = _coerce(v, tp, f'{src}: {path}')
     return replace(obj, **changes)
 
-# %% ../nbs/05_train.ipynb #c013eea4
+# %% ../nbs/05_train.ipynb #5a399efa
 def _field_type(cls, path: list[str], d: dict):
     "Type of the field at `path` below dataclass `cls` (None if unknown); `d` is the sweep table (for `kind`)."
     tp = None
@@ -224,13 +225,13 @@ def load_sweep(fpath: Path) -> list[dict]:
         grid.append(d)
     return grid
 
-# %% ../nbs/05_train.ipynb #c195fcb6
+# %% ../nbs/05_train.ipynb #317e37dc
 def expand_cfgs(cfg: TrainConfig) -> list[TrainConfig]:
     "The configs of `cfg`'s sweep (or `[cfg]` without one)."
     if cfg.sweep is None: return [cfg]
     return [override(cfg, d, src=str(cfg.sweep)) for d in load_sweep(cfg.sweep)]
 
-# %% ../nbs/05_train.ipynb #a29cc9c6
+# %% ../nbs/05_train.ipynb #664eca73
 GROUP_KEYS = ('train_data', 'val_data', 'n_train', 'n_val', 'n_init_tokens', 'log_every', 'ckpt_every', 'runs_root', 'device',
               'amp', 'tf32', 'track', 'wandb_project', 'tags', 'executor', 'slurm_acct', 'slurm_partition', 'n_hours', 'mem_gb', 'log_to')
 
@@ -246,7 +247,7 @@ def split_groups(cfgs: list[TrainConfig], max_parallel: int|None=None) -> list[l
     n = max_parallel or max(1, len(cfgs))
     return [g[i:i + n] for g in groups.values() for i in range(0, len(g), n)]
 
-# %% ../nbs/05_train.ipynb #0e889f54
+# %% ../nbs/05_train.ipynb #8482e681
 def lr_at(cfg: TrainConfig, step: int, n_steps: int) -> float:
     "Learning rate at `step` of `n_steps`."
     warm = min(1.0, (step + 1) / cfg.n_lr_warmup) if cfg.n_lr_warmup > 0 else 1.0
@@ -258,7 +259,7 @@ def sparsity_at(cfg: TrainConfig, step: int) -> float:
     "Sparsity coefficient at `step`."
     return cfg.objective.sparsity_coeff * (min(1.0, (step + 1) / cfg.n_sparsity_warmup) if cfg.n_sparsity_warmup > 0 else 1.0)
 
-# %% ../nbs/05_train.ipynb #87394a18
+# %% ../nbs/05_train.ipynb #e37b4865
 def _autocast(cfg):
     dev = torch.device(cfg.device).type
     return torch.autocast(dev, dtype=torch.bfloat16, enabled=cfg.amp == 'bfloat16')
@@ -278,7 +279,7 @@ class SAETrainer:
 
     def __repr__(self): return f'SAETrainer({self.sae}, step={self.step_i}, n_tokens={self.n_tokens})'
 
-# %% ../nbs/05_train.ipynb #2f9bef7f
+# %% ../nbs/05_train.ipynb #156a4fa6
 from fastcore.basics import patch
 
 @patch
@@ -301,7 +302,7 @@ def step(self: SAETrainer, x_bd: Tensor, b: int) -> dict:
     self.step_i, self.n_tokens = b + 1, self.n_tokens + len(x_bd)
     return {**st, 'lr': lr, 'sparsity_coeff': coeff, 'grad_norm': gn}
 
-# %% ../nbs/05_train.ipynb #970ad341
+# %% ../nbs/05_train.ipynb #466338aa
 def sparse_dictionary_data(n: int=8192, # tokens
                            d: int=32, # model width
                            n_atoms: int=64, # true dictionary size
@@ -315,7 +316,7 @@ def sparse_dictionary_data(n: int=8192, # tokens
     codes = torch.zeros(n, n_atoms).scatter_(1, idx, 0.5 + 1.5 * torch.rand(n, k, generator=g))
     return codes @ atoms + offset, atoms
 
-# %% ../nbs/05_train.ipynb #9d44eb83
+# %% ../nbs/05_train.ipynb #f814d671
 class ArrayLoader:
     "In-memory stand-in for `ShuffledLoader`: seeded shuffles of `x_nd` in batches of `batch_size`."
     def __init__(self, x_nd: Tensor, batch_size: int=1024, seed: int=0, shuffle: bool=True):
@@ -334,7 +335,7 @@ class ArrayLoader:
     def __iter__(self): return self.iter_batches(self.n_tokens)
     def metrics(self, batch) -> dict: return {}
 
-# %% ../nbs/05_train.ipynb #79b7f4a6
+# %% ../nbs/05_train.ipynb #bd325cec
 def batch_metrics(x_bd: Tensor, st: dict) -> dict:
     "NMSE (SSE over total sum of squares, float64) and explained variance of one batch."
     x, x_hat = x_bd.double(), st['x_hat'].double()
@@ -348,13 +349,12 @@ def _row(tr: SAETrainer, x_bd, st, extra) -> dict:
     row.update(batch_metrics(x_bd, st), n_dead=int(tr.dead_s.sum()), lr=st['lr'], sparsity_coeff=st['sparsity_coeff'], **extra)
     return row
 
-# %% ../nbs/05_train.ipynb #a3766299
+# %% ../nbs/05_train.ipynb #98caf42c
 def save_checkpoint(tr: SAETrainer, fpath: Path):
     "Atomically write `tr`'s weights, optimiser state, counters and step to `fpath`."
-    tmp = fpath.with_suffix('.tmp')
-    torch.save({'step': tr.step_i, 'n_tokens': tr.n_tokens, 'sae': tr.sae.state_dict(), 'opt': tr.opt.state_dict(),
-                'since_fired': tr.since_fired_s, 'config': cfg_to_dict(tr.cfg)}, tmp)
-    tmp.replace(fpath)
+    state = {'step': tr.step_i, 'n_tokens': tr.n_tokens, 'sae': tr.sae.state_dict(), 'opt': tr.opt.state_dict(),
+             'since_fired': tr.since_fired_s, 'config': cfg_to_dict(tr.cfg)}
+    atomic_write(fpath, lambda p: torch.save(state, p))
 
 def load_checkpoint(tr: SAETrainer, fpath: Path):
     "Restore `tr` from `save_checkpoint`'s file."
@@ -367,7 +367,7 @@ def _trim_metrics(fpath: Path, step: int):
     rows = [l for l in fpath.read_text().splitlines() if l.strip() and json.loads(l)['step'] <= step]
     fpath.write_text(''.join(r + '\n' for r in rows))
 
-# %% ../nbs/05_train.ipynb #168108b4
+# %% ../nbs/05_train.ipynb #3e8bbe85
 def _init_sample(loader, n_tokens: int, device) -> Tensor:
     xs, n = [], 0
     for batch in loader.iter_batches(n_tokens):
@@ -382,7 +382,7 @@ def _wandb_runs(cfgs, run_dpaths):
     return [wandb.init(project=c.wandb_project, name=p.name, id=p.name, resume='allow', config=cfg_to_dict(c), tags=list(c.tags),
                        reinit='create_new') for c, p in zip(cfgs, run_dpaths)]
 
-# %% ../nbs/05_train.ipynb #ec064348
+# %% ../nbs/05_train.ipynb #4d8cfff8
 def fit_group(cfgs: list[TrainConfig], # configs sharing one data pass
               loader, # has `iter_batches(n_tokens, start_batch)` (and optionally `.metrics(batch)`)
               run_dpaths: list[Path], # one run directory per config
@@ -432,13 +432,13 @@ def fit_group(cfgs: list[TrainConfig], # configs sharing one data pass
             if w is not None: w.finish()
     return trs
 
-# %% ../nbs/05_train.ipynb #181458f6
+# %% ../nbs/05_train.ipynb #35d7ded8
 def atom_recovery(sae: SAE, atoms_ad: Tensor) -> Tensor:
     "Per true atom, the max cosine similarity with a decoder row."
     W = sae.W_dec.detach().cpu()
     return (atoms_ad @ (W / W.norm(dim=1, keepdim=True)).T).max(1).values
 
-# %% ../nbs/05_train.ipynb #b054dea4
+# %% ../nbs/05_train.ipynb #f9dd8bad
 @torch.no_grad()
 def evaluate_saes(saes: list[SAE], # SAEs to evaluate on the same batches
                   loader, # has `iter_batches(n_tokens)`
@@ -469,7 +469,7 @@ def evaluate_saes(saes: list[SAE], # SAEs to evaluate on the same batches
                         n_almost_dead=int((freq < 1e-7).sum()), n_dense=int((freq > 1e-2).sum()), n_tokens=n, d_sae=s.d_sae))
     return res
 
-# %% ../nbs/05_train.ipynb #ac63f60c
+# %% ../nbs/05_train.ipynb #64da27a5
 def train_group(cfgs: list[TrainConfig], progress: bool=True) -> list[Path]:
     "Train and evaluate one group of configs that share a data pass; returns their run directories."
     c0 = cfgs[0]
@@ -490,7 +490,7 @@ def train_group(cfgs: list[TrainConfig], progress: bool=True) -> list[Path]:
         (p/'eval.json').write_text(json.dumps(ev, indent=2))
     return dpaths
 
-# %% ../nbs/05_train.ipynb #602c3e04
+# %% ../nbs/05_train.ipynb #ca78b5d0
 def _executor(cfg: TrainConfig):
     import submitit
     if cfg.slurm_acct:
@@ -513,7 +513,7 @@ def train(cfg: TrainConfig, progress: bool=True) -> list[Path]:
     if cfg.slurm_acct: return [Path(c.runs_root)/run_id(c) for g in groups for c in g]
     return [p for j in jobs for p in j.result()]
 
-# %% ../nbs/05_train.ipynb #da2983b1
+# %% ../nbs/05_train.ipynb #7ec99f7a
 def train_cli(cfg: TrainConfig):
     "Train SAEs (a sweep trains many per data pass) and evaluate them; prints the run directories."
     dpaths = train(cfg)
@@ -523,7 +523,7 @@ def train_cli(cfg: TrainConfig):
     print(dpaths[0] if len(dpaths) == 1 else Path(cfg.runs_root))
     return dpaths
 
-# %% ../nbs/05_train.ipynb #18965521
+# %% ../nbs/05_train.ipynb #81eb066b
 def load_run(run_dpath: Path|str, device: str='cpu') -> tuple[SAE, dict]:
     "The trained SAE and the `config.json` dict of a run directory."
     p = Path(run_dpath)
@@ -536,7 +536,7 @@ def load_normalizer(run_dpath: Path|str):
     fpath = Path(run_dpath)/'normalizer.safetensors'
     return Normalizer.from_file(fpath) if fpath.exists() else None
 
-# %% ../nbs/05_train.ipynb #15abfcbd
+# %% ../nbs/05_train.ipynb #af6db72e
 @dataclass(frozen=True)
 class BenchTrainConfig:
     "Shapes and device of the training-throughput benchmark."
@@ -567,7 +567,7 @@ def _timeit(fn, n: int, device: str) -> float:
     sync()
     return (time.perf_counter() - t) / n
 
-# %% ../nbs/05_train.ipynb #40a04447
+# %% ../nbs/05_train.ipynb #61f01512
 def _stacked_step(cfg: BenchTrainConfig, n: int):
     "A stacked ReLU+L1 model of `n` SAEs trained with bmm (benchmark comparison only)."
     d, s, dev = cfg.d_model, cfg.d_model * cfg.exp_factor, cfg.device
