@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from saev_nb.loaders import (IndexedDataset, Normalizer, OrderedConfig, OrderedLoader, ShardSource, ShuffledConfig, ShuffledLoader,
-                             background, batch_entropy, bench_loader, BenchLoaderConfig, check_shards)
+from saev_nb.loaders import (GatherTicket, IndexedDataset, Normalizer, OrderedConfig, OrderedLoader, RowGather, ShardSource, ShuffledConfig,
+                             ShuffledLoader, background, batch_entropy, bench_loader, BenchLoaderConfig, check_shards)
 from saev_nb.shards import Metadata, ShardError, make_random_shards, open_shard, shard_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +49,10 @@ def test_epoch_every_token_once_with_right_values(sd, read, tokens, n_t, off):
         want = ref[b['example_idx'].numpy(), b['token_idx'].numpy() + 1] if tokens != 'cls' else ref[b['example_idx'].numpy(), 0]
         np.testing.assert_array_equal(b['acts'].numpy(), want)
         if tokens == 'cls': assert (b['token_idx'] == -1).all() and (b['labels'] == -1).all()
+    labels = np.fromfile(sd / 'labels.bin', dtype=np.uint8).reshape(50, P).astype(np.int64)
+    for b in batches:  # patch labels as stored, -1 exactly on CLS rows (int64, no uint8 wrap-around)
+        ex, tok = b['example_idx'].numpy(), b['token_idx'].numpy()
+        np.testing.assert_array_equal(b['labels'].numpy(), np.where(tok >= 0, labels[ex, np.maximum(tok, 0)], -1))
 
 
 
@@ -248,6 +252,34 @@ def test_early_break_stops_threads(sd):
     deadline = time.time() + 5
     while time.time() < deadline and any(t.name.startswith('saev') and t.ident not in before for t in threading.enumerate()): time.sleep(0.05)
     assert not [t.name for t in threading.enumerate() if t.name.startswith('saev') and t.ident not in before]
+
+
+@pytest.mark.parametrize('read', ['cache', 'buffer'])
+def test_break_mid_epoch_then_iterate_again_is_correct(sd, read):
+    "Copies queued for batches nobody will take are cancelled and finished before the slots are handed out again."
+    dl = ShuffledLoader(ShuffledConfig(shards=sd, layer=5, batch_size=40, buffer_batches=3, block_examples=2, block_tokens=3, read=read))
+    for i, b in enumerate(dl):
+        if i == 2: break
+    del b
+    ref = _stored(sd, 5)
+    batches = list(dl)
+    assert sum(len(b['acts']) for b in batches) == 50 * P
+    for b in batches: np.testing.assert_array_equal(b['acts'].numpy(), ref[b['example_idx'].numpy(), b['token_idx'].numpy() + 1])
+
+
+def test_row_gather_errors_cancel_and_close():
+    src, out = np.arange(40, dtype=np.float32).reshape(10, 4), np.zeros((6, 4), np.float32)
+    g = RowGather(n_threads=3, piece_mb=16 / 2**20)  # one row per piece
+    tk = g.submit([(src, np.array([9, 0, 3]), out[:3])])
+    g.submit([(src, np.array([1, 2]), out[3:5])], tk).wait()
+    np.testing.assert_array_equal(out[:5], src[[9, 0, 3, 1, 2]])
+    with pytest.raises(ValueError, match='output array does not match'): g([(src, np.array([1, 2, 3]), out[:2, :2])])
+    dead = GatherTicket(); dead.cancelled = True
+    out[:] = -1
+    g.submit([(src, np.array([1, 2]), out[:2])], dead)
+    g.close()  # returns only when every queued piece is done or skipped
+    assert dead.n_left == 0 and (out == -1).all()
+    assert not any(t.is_alive() for t in g._threads)
 
 
 def test_kept_batches_are_never_overwritten(sd):

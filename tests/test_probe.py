@@ -128,14 +128,20 @@ def test_cli_train_then_validate(tiny, tmp_path):
 
 def test_cli_bad_input(tiny, tmp_path):
     from saev_nb.probe import train_cli, validate_cli
-    with pytest.raises(ValueError, match=r'layer 1 was not recorded \(recorded: \[2, 3\]\)'):
+    with pytest.raises(SystemExit, match=r'^saev_nb semseg train: .*layer 1 was not recorded \(recorded: \[2, 3\]\)'):
         run(train_cli, '--train-acts.shard-root', tiny['train'], '--train-acts.layer', 1, '--val-acts.shard-root', tiny['val'], '--imgs.root', tiny['root'], '--out', tmp_path)
     from saev_nb.shards import make_random_shards
     nolab = make_random_shards(tmp_path/'nolab', labels=False)
-    with pytest.raises(FileNotFoundError, match='labels.bin: missing'):
+    with pytest.raises(SystemExit, match='^saev_nb semseg train: .*labels.bin: missing'):
         run(train_cli, '--train-acts.shard-root', nolab, '--val-acts.shard-root', tiny['val'], '--imgs.root', tiny['root'], '--out', tmp_path)
-    with pytest.raises(FileNotFoundError, match=r'no \*/probe.safetensors inside'):
+    with pytest.raises(SystemExit, match=r'^saev_nb semseg validate: .*no \*/probe.safetensors inside'):
         run(validate_cli, '--imgs.root', tiny['root'], '--acts.shard-root', tiny['val'], '--ckpts', tmp_path)
     from saev_nb.probe import pixel_labels, ImgsConfig
     from saev_nb.shards import Metadata
     with pytest.raises(ValueError, match='48 images but the shards hold 16 examples'): pixel_labels(Metadata.load(tiny['val']), ImgsConfig(tiny['root'], 'training'))
+
+
+def test_cli_bad_input_is_one_line_from_a_shell(tiny, tmp_path):
+    r = cli('semseg', 'validate', '--imgs.root', tiny['root'], '--acts.shard-root', tiny['val'], '--ckpts', tmp_path, check=False)
+    assert r.returncode != 0 and 'Traceback' not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith('saev_nb semseg validate: '), r.stderr

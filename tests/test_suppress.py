@@ -213,15 +213,15 @@ def test_cli_features_then_suppress(pipeline, capsys):
 def test_cli_bad_input(pipeline, tmp_path):
     from saev_nb.suppress import features_cli, suppress_cli
     p = pipeline
-    with pytest.raises(FileNotFoundError, match='logs/results.csv: missing'):
+    with pytest.raises(SystemExit, match='^saev_nb semseg suppress: .*logs/results.csv: missing'):
         run(suppress_cli, '--sae-ckpt', p['run']/'sae.safetensors', '--acts.shard-root', p['val'], '--out', tmp_path)
     probe = next((p['out']/'p3'/'checkpoints').glob('*/probe.safetensors'))
-    with pytest.raises(FileNotFoundError, match='no feature table'):
+    with pytest.raises(SystemExit, match='^saev_nb semseg suppress: .*no feature table'):
         run(suppress_cli, '--sae-ckpt', p['run']/'sae.safetensors', '--acts.shard-root', p['val'], '--probe', probe, '--out', tmp_path)
-    with pytest.raises(ValueError, match='SAE was trained on layer 2'):
+    with pytest.raises(SystemExit, match='^saev_nb semseg features: .*SAE was trained on layer 2'):
         run(features_cli, '--sae-ckpt', p['run']/'sae.safetensors', '--acts.shard-root', p['val'], '--acts.layer', 3, '--imgs.root', p['root'], '--out', tmp_path)
     save_sae(SAE(SAEConfig(d_model=16, d_sae=32, activation=Relu())), tmp_path/'small'/'sae.safetensors')
-    with pytest.raises(ValueError, match='the SAE expects 16'):
+    with pytest.raises(SystemExit, match='^saev_nb semseg features: .*the SAE expects 16'):
         run(features_cli, '--sae-ckpt', tmp_path/'small'/'sae.safetensors', '--acts.shard-root', p['train'], '--imgs.root', p['root'], '--out', tmp_path)
 
 
