@@ -4,30 +4,38 @@
 
 # %% ../nbs/10_cli.ipynb #529c4db9
 from __future__ import annotations
-import importlib, inspect, sys, typing as tp
+import importlib, inspect, os, sys, typing as tp, warnings
 
 import tyro
 
+from .data import UserError
+
+class UsageError(UserError):
+    "The command line names no known command."
+
 # %% auto #0
-__all__ = ['COMMANDS', 'resolve', 'load_command', 'main']
+__all__ = ['COMMANDS', 'GROUPS', 'UsageError', 'resolve', 'load_command', 'usage', 'main']
 
 # %% ../nbs/10_cli.ipynb #9548bd44
-COMMANDS: dict[str, str] = {
-    'make-data': 'saev_nb.data:make_data_cli',
-    'shards': 'saev_nb.shards:shards_cli',
-    'shards validate': 'saev_nb.shards:validate_cli',
-    'bench shards': 'saev_nb.shards:bench_shards_cli',
-    'bench loader': 'saev_nb.loaders:bench_loader_cli',
-    'train': 'saev_nb.train:train_cli',
-    'bench train': 'saev_nb.train:bench_train_cli',
-    'inference': 'saev_nb.evaluate:inference_cli',
-    'plots': 'saev_nb.evaluate:plots_cli',
-    'visuals': 'saev_nb.visuals:visuals_cli',
-    'semseg train': 'saev_nb.probe:train_cli',
-    'semseg validate': 'saev_nb.probe:validate_cli',
-    'semseg features': 'saev_nb.suppress:features_cli',
-    'semseg suppress': 'saev_nb.suppress:suppress_cli',
+COMMANDS: dict[str, tuple[str, str]] = {  # command words -> (module:function, one-line description)
+    'make-data': ('saev_nb.data:make_data_cli', 'generate a scene data set in the ADE20K folder layout'),
+    'shards': ('saev_nb.shards:shards_cli', 'record ViT activations (and patch labels) to a shard directory'),
+    'shards validate': ('saev_nb.shards:validate_shards_cli',
+                        'check a shard directory: metadata, sizes, finite values'),
+    'train': ('saev_nb.train:train_cli', 'train SAEs (a sweep trains many per data pass) and evaluate them'),
+    'inference': ('saev_nb.evaluate:inference_cli', "run a trained SAE over shards: metrics and sparse codes"),
+    'plots': ('saev_nb.evaluate:plots_cli', 'compare runs: L0 against NMSE, dead latents, training curves'),
+    'visuals': ('saev_nb.visuals:visuals_cli', 'an HTML gallery of the top images of each latent'),
+    'semseg train': ('saev_nb.probe:probe_train_cli', 'train linear probes from patch activations to ADE20K classes'),
+    'semseg validate': ('saev_nb.probe:probe_validate_cli', 'choose the best probe on validation data (mIoU)'),
+    'semseg visuals': ('saev_nb.suppress:features_cli', "find each class's SAE latents (saev's name for features)"),
+    'semseg features': ('saev_nb.suppress:features_cli', "find each class's SAE latents: F1 of firing vs its patches"),
+    'semseg suppress': ('saev_nb.suppress:suppress_cli', 'suppress class latents; class-by-class changes, controls'),
+    'bench shards': ('saev_nb.bench:bench_shards_cli', 'benchmark the shard writer against the bare forward pass'),
+    'bench loader': ('saev_nb.bench:bench_loader_cli', 'benchmark the loaders against memcpy'),
+    'bench train': ('saev_nb.bench:bench_train_cli', 'benchmark SAE training steps against the bare matmuls'),
 }
+GROUPS = sorted({c.split()[0] for c in COMMANDS if ' ' in c})  # words that start several commands
 
 def resolve(argv: list[str],  # command-line words after `saev_nb`
            ) -> tuple[str, list[str]]:  # (command, remaining flags)
@@ -35,30 +43,49 @@ def resolve(argv: list[str],  # command-line words after `saev_nb`
     for n_words in (2, 1):
         cmd = ' '.join(argv[:n_words])
         if len(argv) >= n_words and cmd in COMMANDS: return cmd, argv[n_words:]
-    raise SystemExit(f"saev_nb: unknown command {' '.join(argv[:2]) or '(none)'!r}; commands: {', '.join(COMMANDS)}")
+    raise UsageError(f"unknown command {' '.join(argv[:2]) or '(none)'!r}; run `saev_nb --help` for the list")
 
 # %% ../nbs/10_cli.ipynb #3a043996
 def load_command(cmd: str,  # a key of `COMMANDS`
                 ) -> tuple[tp.Callable, type]:  # (function, config dataclass)
     "The function behind `cmd` and the config class it takes."
-    mod_name, fn_name = COMMANDS[cmd].split(':')
+    mod_name, fn_name = COMMANDS[cmd][0].split(':')
     fn = getattr(importlib.import_module(mod_name), fn_name)
     (param,) = inspect.signature(fn).parameters.values()
     cfg_cls = tp.get_type_hints(fn)[param.name]
     return fn, cfg_cls
 
+# %% ../nbs/10_cli.ipynb #cadec6d5
+def usage(group: str|None = None,  # a word of `GROUPS`, or None for every command
+         ) -> str:
+    "The command list that `saev_nb --help` (or `saev_nb <group> --help`) prints."
+    cmds = [c for c in COMMANDS if group is None or c.split()[0] == group]
+    head = f"usage: saev_nb {group or '<command>'}{' <command>' if group else ''} [flags]"
+    lines = [head, '  (saev_nb <command> --help lists its flags; SAEV_NB_DEBUG=1 shows tracebacks)', '', 'commands:']
+    return '\n'.join(lines + [f'  {c:<17} {COMMANDS[c][1]}' for c in cmds])
+
 # %% ../nbs/10_cli.ipynb #4fddea09
 def main(argv: list[str]|None = None,  # defaults to `sys.argv[1:]`
-        ):
+        ) -> int:  # the exit status: 0 success, 2 user error
     "Entry point of the `saev_nb` command."
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ('-h', '--help'):
-        print('usage: saev_nb <command> [flags]   (saev_nb <command> --help for its flags)\n\ncommands:')
-        for cmd, target in COMMANDS.items(): print(f'  {cmd:<18} {target}')
-        return None
-    cmd, rest = resolve(argv)
-    fn, cfg_cls = load_command(cmd)
-    cfg = tyro.cli(cfg_cls, args=rest, prog=f'saev_nb {cmd}', description=(fn.__doc__ or '').strip())
-    return fn(cfg)
+    if not argv or argv[0] in ('-h', '--help'): print(usage()); return 0
+    if argv[0] in GROUPS and argv[0] not in COMMANDS and (len(argv) == 1 or argv[1] in ('-h', '--help')):
+        print(usage(argv[0])); return 0
+    cmd = ' '.join(argv[:2])
+    fmt, warnings.formatwarning = warnings.formatwarning, lambda message, *a, **kw: f'warning: {message}\n'  # one line
+    try:
+        cmd, rest = resolve(argv)
+        fn, cfg_cls = load_command(cmd)
+        cfg = tyro.cli(cfg_cls, args=rest, prog=f'saev_nb {cmd}', description=COMMANDS[cmd][1],
+                       config=(tyro.conf.CascadeSubcommandArgs,))
+        fn(cfg)
+    except UserError as e:
+        if os.environ.get('SAEV_NB_DEBUG', '') not in ('', '0'): raise
+        print(f'saev_nb {cmd}: {e}', file=sys.stderr)
+        return 2
+    finally: warnings.formatwarning = fmt
+    return 0
 
-if __name__ == '__main__' and sys.argv[0].endswith('cli.py'): main()  # `python -m saev_nb.cli`, not the notebook
+if __name__ == '__main__' and getattr(globals().get('__spec__'), 'name', None) == 'saev_nb.cli':
+    sys.exit(main())  # `python -m saev_nb.cli`

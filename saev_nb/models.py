@@ -17,11 +17,13 @@ __all__ = ['FAMILIES', 'DEFAULT_FAMILY', 'DEFAULT_CKPT', 'TINY_CFG', 'ModelError
            'seg_transform_like', 'load_vit', 'load_transforms', 'record', 'pixel_to_patch_labels']
 
 # %% ../nbs/01_models.ipynb #103e77ae
-class ModelError(ValueError):
+from .data import UserError
+
+class ModelError(UserError, ValueError):
     "A model request cannot be served; the message names the checkpoint and the fix."
 
 def _libs():
-    "open_clip, timm and torchvision's transforms, imported on first use: they take seconds, and shard readers never need them."
+    "open_clip, timm and torchvision's transforms, imported on first use (seconds; shard readers never need them)."
     import open_clip, timm, timm.data
     from torchvision import transforms
     return open_clip, timm, transforms
@@ -32,16 +34,18 @@ DEFAULT_FAMILY, DEFAULT_CKPT = 'clip', 'saev-tiny/random'
 def split_ckpt(ckpt: str) -> tuple[str, str | None]:
     "Split `name/source` into `(name, source)`; `source` is None when absent."
     name, _, source = ckpt.partition('/')
-    if not name: raise ModelError(f"checkpoint {ckpt!r}: expected `name[/pretrained-tag|/random|/path]`, e.g. ViT-B-16/openai")
+    if not name:
+        raise ModelError(f"checkpoint {ckpt!r}: expected `name[/pretrained-tag|/random|/path]`, e.g. ViT-B-16/openai")
     return name, (source or None)
 
 # %% ../nbs/01_models.ipynb #95afad76
 TINY_CFG = {'embed_dim': 64,
-            'vision_cfg': {'image_size': 64, 'patch_size': 8, 'width': 128, 'layers': 4, 'head_width': 32, 'mlp_ratio': 4.0},
+            'vision_cfg': {'image_size': 64, 'patch_size': 8, 'width': 128, 'layers': 4, 'head_width': 32,
+                           'mlp_ratio': 4.0},
             'text_cfg': {'context_length': 16, 'vocab_size': 1000, 'width': 64, 'heads': 2, 'layers': 1}}
 
 def register_tiny() -> str:
-    "Register the `saev-tiny` open_clip config (idempotent) through open_clip's public `add_model_config`; returns its name."
+    "Register the `saev-tiny` open_clip config (idempotently, with open_clip's `add_model_config`); returns its name."
     open_clip, _, _ = _libs()
     if open_clip.get_model_config('saev-tiny') is None:
         dpath = Path(tempfile.gettempdir()) / f'saev_nb_open_clip_cfgs_{os.getuid()}'
@@ -58,7 +62,7 @@ class Vit(nn.Module):
     def __init__(self,
                  family: str,  # 'clip' or 'dinov2'
                  ckpt: str,  # the checkpoint string it was loaded from
-                 model: nn.Module,  # open_clip VisionTransformer, open_clip TimmModel (SigLIP) or timm VisionTransformer
+                 model: nn.Module,  # open_clip VisionTransformer or TimmModel (SigLIP), or timm VisionTransformer
                  img_transform,  # PIL image -> float tensor (3, H, W), the model's own preprocessing
                 ):
         super().__init__()
@@ -75,9 +79,13 @@ class Vit(nn.Module):
             self.blocks, self.norm = model.transformer.resblocks, model.ln_post
             self.patch_size, self.img_size = tuple(model.patch_size), tuple(model.image_size)
             self.n_prefix, self.has_cls, self.d_model = 1, True, model.transformer.width
-            if not model.transformer.batch_first: raise ModelError(f"{ckpt}: open_clip transformer is not batch-first; upgrade open_clip (>=2.24)")
-        else: raise ModelError(f"{ckpt}: unsupported image tower {type(model).__name__}; expected an open_clip or timm VisionTransformer")
-        if self.img_size[0] % self.patch_size[0] or self.img_size[1] % self.patch_size[1]: raise ModelError(f"{ckpt}: image size {self.img_size} is not a multiple of patch size {self.patch_size}")
+            if not model.transformer.batch_first:
+                raise ModelError(f"{ckpt}: open_clip transformer is not batch-first; upgrade open_clip (>=2.24)")
+        else:
+            raise ModelError(f"{ckpt}: unsupported image tower {type(model).__name__}; expected an open_clip or timm "
+                             "VisionTransformer")
+        if self.img_size[0] % self.patch_size[0] or self.img_size[1] % self.patch_size[1]:
+            raise ModelError(f"{ckpt}: image size {self.img_size} is not a multiple of patch size {self.patch_size}")
         self.grid = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
         self.n_patches, self.n_layers = self.grid[0] * self.grid[1], len(self.blocks)
         self.seg_transform = seg_transform_like(img_transform)
@@ -86,7 +94,8 @@ class Vit(nn.Module):
         "The image tower's own full forward (pooled/projected output)."
         return self.model(x_bchw)
 
-    def __repr__(self): return (f"Vit({self.family}, {self.ckpt}: {self.n_layers} blocks, d_model={self.d_model}, img {self.img_size}, "
+    def __repr__(self): return (f"Vit({self.family}, {self.ckpt}: {self.n_layers} blocks, d_model={self.d_model}, img "
+                                f"{self.img_size}, "
                                 f"patch {self.patch_size} -> {self.n_patches} patches, {self.n_prefix} prefix tokens)")
 
 # %% ../nbs/01_models.ipynb #79680254
@@ -97,21 +106,24 @@ def _label_tensor(img) -> torch.Tensor:
 _SKIP = ('ToTensor', 'MaybeToTensor', 'Normalize', 'MaybeConvertMode', '_convert_to_rgb', 'convert_to_rgb')
 
 def seg_transform_like(img_transform):
-    "Label transform with the geometry of `img_transform` (Resize/CenterCrop with NEAREST), ending in a uint8 tensor (H, W)."
+    "Label transform with the geometry of `img_transform` (Resize/CenterCrop, NEAREST), giving a uint8 tensor (H, W)."
     _, _, T = _libs()
     out = []
     for t in getattr(img_transform, 'transforms', [img_transform]):
         name = getattr(t, '__name__', type(t).__name__)
-        if isinstance(t, T.Resize): out.append(T.Resize(t.size, interpolation=T.InterpolationMode.NEAREST, max_size=t.max_size))
+        if isinstance(t, T.Resize):
+            out.append(T.Resize(t.size, interpolation=T.InterpolationMode.NEAREST, max_size=t.max_size))
         elif isinstance(t, T.CenterCrop): out.append(T.CenterCrop(t.size))
         elif name in _SKIP: continue
-        else: raise ModelError(f"image transform step {name} has no label counterpart; extend `seg_transform_like` for it")
+        else:
+            raise ModelError(f"image transform step {name} has no label counterpart; extend `seg_transform_like` for "
+                             "it")
     return T.Compose(out + [_label_tensor])
 
 # %% ../nbs/01_models.ipynb #9990ac9b
 @contextlib.contextmanager
 def _quiet():
-    "Mute library log records while loading: open_clip's 'no pretrained weights' warning for deliberate random init, and its download errors (our one-line error carries them)."
+    "Mute library log records while loading (open_clip's 'no pretrained weights' warning, download errors we report)."
     prev = logging.root.manager.disable
     logging.disable(logging.CRITICAL)
     try: yield
@@ -141,7 +153,8 @@ def _load_file(module: nn.Module, fpath: Path, ckpt: str, prefixes=('visual.', '
     try: module.load_state_dict(sd, strict=True)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-        raise ModelError(f"{fpath}: weights do not fit {ckpt} ({first}); pass the file saved from this architecture") from None
+        raise ModelError(
+            f"{fpath}: weights do not fit {ckpt} ({first}); pass the file saved from this architecture") from None
 
 @contextlib.contextmanager
 def _seeded(seed: int = 0):
@@ -150,42 +163,57 @@ def _seeded(seed: int = 0):
         torch.manual_seed(seed)
         yield
 
-def _is_path(source: str) -> bool: return '/' in source or source.startswith('.') or Path(source).suffix in ('.pt', '.pth', '.bin', '.safetensors') or Path(source).exists()
+def _is_path(source: str) -> bool:
+    return ('/' in source or source.startswith('.') or Path(source).suffix in ('.pt', '.pth', '.bin', '.safetensors')
+            or Path(source).exists())
 
 # %% ../nbs/01_models.ipynb #bc0f0d9b
 def _load_clip(name: str, source: str | None, ckpt: str, device) -> Vit:
     open_clip, _, _ = _libs()
     if name == 'saev-tiny': register_tiny()
     if open_clip.get_model_config(name) is None:
-        raise ModelError(f"{ckpt}: unknown open_clip model {name!r}; see `open_clip.list_models()` (e.g. ViT-B-16, ViT-L-14, ViT-B-16-SigLIP, saev-tiny)")
+        raise ModelError(f"{ckpt}: unknown open_clip model {name!r}; see `open_clip.list_models()` (e.g. ViT-B-16, "
+                         "ViT-L-14, ViT-B-16-SigLIP, saev-tiny)")
     fpath = Path(source).expanduser() if source and source != 'random' and _is_path(source) else None
     if source in (None, 'random') or fpath is not None:
-        if fpath is not None and not fpath.is_file(): raise ModelError(f"{fpath}: weights file not found for {ckpt}; check the path")
-        with _quiet(), _seeded(): model, _, tf = open_clip.create_model_and_transforms(name, pretrained=None, device='cpu')
+        if fpath is not None and not fpath.is_file():
+            raise ModelError(f"{fpath}: weights file not found for {ckpt}; check the path")
+        with _quiet(), _seeded():
+            model, _, tf = open_clip.create_model_and_transforms(name, pretrained=None, device='cpu')
         if fpath is not None: _load_file(model.visual, fpath, ckpt)
     else:
         tags = open_clip.list_pretrained_tags_by_model(name)
-        if source not in tags: raise ModelError(f"{ckpt}: unknown pretrained tag {source!r} for {name}; known tags: {tags or 'none'} (or use /random or /<weights file>)")
+        if source not in tags:
+            raise ModelError(f"{ckpt}: unknown pretrained tag {source!r} for {name}; known tags: {tags or 'none'} (or "
+                             "use /random or /<weights file>)")
         try:
             with _quiet(): model, _, tf = open_clip.create_model_and_transforms(name, pretrained=source, device='cpu')
-        except Exception as e: raise ModelError(f"{ckpt}: could not load open_clip pretrained weights ({_short(e)}); check the network or HF cache, or pass a local file as {name}/<path>") from None
+        except Exception as e:
+            raise ModelError(f"{ckpt}: could not load open_clip pretrained weights ({_short(e)}); check the network or "
+                             f"HF cache, or pass a local file as {name}/<path>") from None
     return Vit('clip', ckpt, model.visual, tf)
 
 # %% ../nbs/01_models.ipynb #f3233ac0
 def _load_timm(name: str, source: str | None, ckpt: str, device, img_size: int | None) -> Vit:
     _, timm, _ = _libs()
-    if not timm.is_model(name): raise ModelError(f"{ckpt}: unknown timm model {name!r}; expected e.g. vit_small_patch14_dinov2.lvd142m or vit_base_patch14_reg4_dinov2.lvd142m")
+    if not timm.is_model(name):
+        raise ModelError(f"{ckpt}: unknown timm model {name!r}; expected e.g. vit_small_patch14_dinov2.lvd142m or "
+                         "vit_base_patch14_reg4_dinov2.lvd142m")
     kw = dict(num_classes=0, img_size=img_size or 224)
     fpath = Path(source).expanduser() if source and source != 'random' else None
-    if fpath is not None and not fpath.is_file(): raise ModelError(f"{fpath}: weights file not found for {ckpt}; check the path (or use {name}/random)")
+    if fpath is not None and not fpath.is_file():
+        raise ModelError(f"{fpath}: weights file not found for {ckpt}; check the path (or use {name}/random)")
     if source is None:
         try:
             with _quiet(): model = timm.create_model(name, pretrained=True, **kw)
-        except Exception as e: raise ModelError(f"{ckpt}: could not load timm pretrained weights ({_short(e)}); check the network or HF cache, or pass a local file as {name}/<path>") from None
+        except Exception as e:
+            raise ModelError(f"{ckpt}: could not load timm pretrained weights ({_short(e)}); check the network or HF "
+                             f"cache, or pass a local file as {name}/<path>") from None
     else:
         with _seeded(): model = timm.create_model(name, pretrained=False, **kw)
         if fpath is not None: _load_file(model, fpath, ckpt)
-    if not isinstance(model, timm.models.vision_transformer.VisionTransformer): raise ModelError(f"{ckpt}: {type(model).__name__} is not a timm VisionTransformer; the dinov2 family needs one")
+    if not isinstance(model, timm.models.vision_transformer.VisionTransformer):
+        raise ModelError(f"{ckpt}: {type(model).__name__} is not a timm VisionTransformer; the dinov2 family needs one")
     cfg = timm.data.resolve_model_data_config(model)
     cfg['input_size'] = (3, *model.patch_embed.img_size)
     return Vit('dinov2', ckpt, model, timm.data.create_transform(**cfg, is_training=False))
@@ -194,13 +222,14 @@ def _load_timm(name: str, source: str | None, ckpt: str, device, img_size: int |
 def load_vit(family: str,  # 'clip' (open_clip, incl. SigLIP) or 'dinov2' (timm)
              ckpt: str,  # 'name/tag', 'name/random', 'name/<weights file>' (timm: bare name = pretrained)
              device: str = 'cpu',  # where to put the model
-             img_size: int | None = None,  # dinov2 only: input resolution (default 224, like saev); open_clip configs fix their own
+             img_size: int | None = None,  # dinov2 only: input size (default 224, like saev)
             ) -> Vit:
     "Load the image tower of `ckpt` as a `Vit` in eval mode."
     if family not in FAMILIES: raise ModelError(f"unknown family {family!r}; expected one of {list(FAMILIES)}")
     name, source = split_ckpt(ckpt)
     if family == 'clip':
-        if img_size is not None: raise ModelError(f"{ckpt}: img_size is fixed by the open_clip config; leave it unset for family clip")
+        if img_size is not None:
+            raise ModelError(f"{ckpt}: img_size is fixed by the open_clip config; leave it unset for family clip")
         vit = _load_clip(name, source, ckpt, device)
     else: vit = _load_timm(name, source, ckpt, device, img_size)
     return vit.eval().to(device)
@@ -214,7 +243,8 @@ def load_transforms(family: str, ckpt: str, img_size: int | None = None) -> tupl
 @patch
 def token_idx(self: Vit, cls_token: bool = True) -> torch.Tensor:
     "Positions of [CLS +] patch tokens in a block output (registers dropped)."
-    if cls_token and not self.has_cls: raise ModelError(f"{self.ckpt}: this model has no CLS token; record with cls_token=False (--no-cls-token)")
+    if cls_token and not self.has_cls:
+        raise ModelError(f"{self.ckpt}: this model has no CLS token; record with cls_token=False (--no-cls-token)")
     patches = torch.arange(self.n_prefix, self.n_prefix + self.n_patches)
     return torch.cat([torch.tensor([0]), patches]) if cls_token else patches
 
@@ -224,7 +254,9 @@ def resolve_layers(self: Vit, layers) -> tuple[int, ...]:
     "Non-negative, sorted, unique block indices for `layers` (negatives count from the end)."
     out = []
     for l in layers:
-        if not -self.n_layers <= int(l) < self.n_layers: raise ModelError(f"{self.ckpt}: layer {l} out of range for {self.n_layers} blocks (valid: {-self.n_layers}..{self.n_layers - 1})")
+        if not -self.n_layers <= int(l) < self.n_layers:
+            raise ModelError(f"{self.ckpt}: layer {l} out of range for {self.n_layers} blocks (valid: "
+                             f"{-self.n_layers}..{self.n_layers - 1})")
         out.append(int(l) % self.n_layers)
     if len(set(out)) != len(out): raise ModelError(f"{self.ckpt}: layers {list(layers)} name the same block twice")
     return tuple(sorted(out))
@@ -232,8 +264,12 @@ def resolve_layers(self: Vit, layers) -> tuple[int, ...]:
 @patch
 def check(self: Vit, d_model: int | None = None, content_tokens: int | None = None):
     "Raise `ModelError` if a user-given `d_model` or `content_tokens` differs from the model's."
-    if d_model is not None and d_model != self.d_model: raise ModelError(f"{self.ckpt}: d_model={d_model} given but the model's residual width is {self.d_model}; drop the flag or fix it")
-    if content_tokens is not None and content_tokens != self.n_patches: raise ModelError(f"{self.ckpt}: content_tokens_per_example={content_tokens} given but the model has {self.n_patches} patches; drop the flag or fix it")
+    if d_model is not None and d_model != self.d_model:
+        raise ModelError(f"{self.ckpt}: d_model={d_model} given but the model's residual width is {self.d_model}; "
+                         "drop the flag or fix it")
+    if content_tokens is not None and content_tokens != self.n_patches:
+        raise ModelError(f"{self.ckpt}: content_tokens_per_example={content_tokens} given but the model has "
+                         f"{self.n_patches} patches; drop the flag or fix it")
 
 # %% ../nbs/01_models.ipynb #5c0c6d49
 class _StopForward(Exception): pass
@@ -297,13 +333,17 @@ def pixel_to_patch_labels(labels_bhw: torch.Tensor,  # uint8/int pixel labels, H
     if labels_bhw.ndim == 2: labels_bhw = labels_bhw[None]
     b, h, w = labels_bhw.shape
     p = patch_size
-    if h % p or w % p: raise ValueError(f"label map {h}x{w} is not a multiple of patch size {p}; resize labels with the model's seg_transform")
+    if h % p or w % p:
+        raise ValueError(f"label map {h}x{w} is not a multiple of patch size {p}; resize labels with the model's "
+                         "seg_transform")
     if agg not in ('majority', 'prefer-fg'): raise ValueError(f"pixel_agg {agg!r}: expected 'majority' or 'prefer-fg'")
     lab = labels_bhw.long()
-    if lab.numel() and (lab.min() < 0 or lab.max() >= n_classes): raise ValueError(f"pixel labels must lie in 0..{n_classes - 1}; got {int(lab.min())}..{int(lab.max())}")
+    if lab.numel() and (lab.min() < 0 or lab.max() >= n_classes):
+        raise ValueError(f"pixel labels must lie in 0..{n_classes - 1}; got {int(lab.min())}..{int(lab.max())}")
     n_c = int(lab.max()) + 1 if lab.numel() else 1
     lab_bnq = lab.reshape(b, h // p, p, w // p, p).permute(0, 1, 3, 2, 4).reshape(b, (h // p) * (w // p), p * p)
-    counts = torch.zeros(*lab_bnq.shape[:2], n_c, dtype=torch.int32).scatter_add_(2, lab_bnq, torch.ones_like(lab_bnq, dtype=torch.int32))
+    counts = torch.zeros(*lab_bnq.shape[:2], n_c,
+                         dtype=torch.int32).scatter_add_(2, lab_bnq, torch.ones_like(lab_bnq, dtype=torch.int32))
     if agg == 'prefer-fg':
         counts[..., 0] = 0
         fg = counts.argmax(-1)

@@ -13,38 +13,50 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['SweepError', 'load_sweep', 'LinearProbes', 'BatchedAdamW', 'train_probes', 'predict_pixels', 'confusion',
-           'seg_scores', 'probe_name', 'save_probe', 'load_probe', 'results_frame', 'plot_sweep', 'ActsConfig',
-           'ImgsConfig', 'resolve_layer', 'label_batches', 'pixel_labels', 'ordered_loader', 'validate_probes',
-           'stack_probes', 'TrainConfig', 'ValidateConfig', 'write_results', 'train_cli', 'find_probes', 'validate_cli']
+__all__ = ['ProbeError', 'ProbeSweepError', 'load_probe_sweep', 'LinearProbes', 'BatchedAdamW', 'train_probes', 'predict_pixels',
+           'confusion', 'seg_scores', 'probe_name', 'save_probe', 'load_probe', 'results_frame', 'plot_sweep',
+           'ActsConfig', 'ImgsConfig', 'resolve_layer', 'label_batches', 'pixel_labels', 'ordered_loader',
+           'validate_probes', 'stack_probes', 'ProbeTrainConfig', 'ProbeValidateConfig', 'write_results',
+           'ProbeResults', 'train_probe_sweep', 'probe_train_cli', 'find_probes', 'validate_saved_probes',
+           'probe_validate_cli']
 
 # %% ../nbs/08_probe.ipynb #866d52dc
-class SweepError(ValueError):
+from .data import UserError, MissingFileError, progress_bar
+
+class ProbeError(UserError, ValueError):
+    "Probe input that cannot work (a layer not recorded, mismatched shards, not a probe file); one line with the fix."
+
+class ProbeSweepError(ProbeError):
     "A probe sweep file is malformed; the message names the file, the key and the fix."
 
 _SWEEP_KEYS = ('learning_rate', 'weight_decay')
 
-def load_sweep(fpath: Path|str,  # TOML file with `learning_rate` and/or `weight_decay` (numbers or lists)
-               learning_rate: float = 1e-3,  # value when the file does not set it
-               weight_decay: float = 1e-3,  # value when the file does not set it
-              ) -> list[dict]:  # one `{'learning_rate', 'weight_decay'}` per probe, grid order
+def load_probe_sweep(fpath: Path|str,  # TOML file with `learning_rate` and/or `weight_decay` (numbers or lists)
+                     learning_rate: float = 1e-3,  # value when the file does not set it
+                     weight_decay: float = 1e-3,  # value when the file does not set it
+                    ) -> list[dict]:  # one `{'learning_rate', 'weight_decay'}` per probe, grid order
     "Expand a probe sweep file into its learning-rate x weight-decay grid."
     fpath = Path(fpath)
     try: raw = tomllib.loads(fpath.read_text())
-    except FileNotFoundError: raise FileNotFoundError(f"{fpath}: sweep file not found; pass an existing TOML file to --sweep") from None
-    except tomllib.TOMLDecodeError as e: raise SweepError(f"{fpath}: not valid TOML ({e}); fix the syntax") from None
+    except FileNotFoundError:
+        raise MissingFileError(f"{fpath}: sweep file not found; pass an existing TOML file to --sweep") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ProbeSweepError(f"{fpath}: not valid TOML ({e}); fix the syntax") from None
     bad = [k for k in raw if k not in _SWEEP_KEYS]
-    if bad: raise SweepError(f"{fpath}: unknown key {bad[0]!r}; a probe sweep sets only {', '.join(_SWEEP_KEYS)}")
-    vals = {'learning_rate': raw.get('learning_rate', learning_rate), 'weight_decay': raw.get('weight_decay', weight_decay)}
+    if bad:
+        raise ProbeSweepError(f"{fpath}: unknown key {bad[0]!r}; a probe sweep sets only {', '.join(_SWEEP_KEYS)}")
+    vals = {'learning_rate': raw.get('learning_rate', learning_rate),
+            'weight_decay': raw.get('weight_decay', weight_decay)}
     for k, v in vals.items():
         v = v if isinstance(v, list) else [v]
         if not v or not all(isinstance(o, (int, float)) and not isinstance(o, bool) and o >= 0 for o in v):
-            raise SweepError(f"{fpath}: {k} must be a non-negative number or a non-empty list of them, got {vals[k]!r}")
+            raise ProbeSweepError(f"{fpath}: {k} must be a non-negative number or a non-empty list of them, "
+                                  f"got {vals[k]!r}")
         vals[k] = [float(o) for o in v]
-    return [{'learning_rate': lr, 'weight_decay': wd} for lr, wd in itertools.product(vals['learning_rate'], vals['weight_decay'])]
+    grid = itertools.product(vals['learning_rate'], vals['weight_decay'])
+    return [{'learning_rate': lr, 'weight_decay': wd} for lr, wd in grid]
 
 # %% ../nbs/08_probe.ipynb #20d8ddcb
 class LinearProbes(torch.nn.Module):
@@ -68,7 +80,8 @@ class LinearProbes(torch.nn.Module):
         z_bd = (x_bd.to(self.W_pdc.dtype) - self.mean_d) * self.scale
         return torch.einsum('bd,pdc->pbc', z_bd, self.W_pdc) + self.b_pc[:, None]
 
-    def __repr__(self): return f'LinearProbes(n_probes={self.n_probes}, d_model={self.d_model}, n_classes={self.n_classes})'
+    def __repr__(self):
+        return f'LinearProbes(n_probes={self.n_probes}, d_model={self.d_model}, n_classes={self.n_classes})'
 
 # %% ../nbs/08_probe.ipynb #e10aca74
 from fastcore.basics import patch
@@ -96,7 +109,9 @@ class BatchedAdamW:
         self.lr_p = torch.as_tensor(lr_p, dtype=torch.float32, device=dev)
         self.wd_p = torch.as_tensor(wd_p, dtype=torch.float32, device=dev)
         for p in self.params:
-            if p.shape[0] != len(self.lr_p): raise ValueError(f"parameter of shape {tuple(p.shape)} has no leading probe axis of size {len(self.lr_p)}; stack probes on dim 0")
+            if p.shape[0] != len(self.lr_p):
+                raise ValueError(f"parameter of shape {tuple(p.shape)} has no leading probe axis of size "
+                                 f"{len(self.lr_p)}; stack probes on dim 0")
         self.m = [torch.zeros_like(p) for p in self.params]
         self.v = [torch.zeros_like(p) for p in self.params]
 
@@ -120,26 +135,27 @@ class BatchedAdamW:
 
 # %% ../nbs/08_probe.ipynb #b09852b1
 def train_probes(batches: tp.Iterable[dict],  # dicts with 'acts' (B, d) and 'labels' (B,), e.g. loader epochs
-                 hparams: list[dict],  # one `{'learning_rate', 'weight_decay'}` per probe (see `load_sweep`)
+                 hparams: list[dict],  # one `{'learning_rate', 'weight_decay'}` per probe (`load_probe_sweep`)
                  d_model: int,  # input width
                  n_classes: int = 151,  # outputs
                  device: str = 'cpu',  # where to train
                  seed: int = 0,  # initialisation seed
-                 progress: bool = True,  # show a tqdm bar
+                 progress: bool = True,  # show a progress bar (`saev_nb.data.progress_bar`)
                  total: int|None = None,  # number of batches, for the bar
                 ) -> tuple[LinearProbes, np.ndarray]:  # trained probes, loss per (step, probe)
     "Train one linear probe per hyper-parameter setting, all on the same stream of batches."
     probes = LinearProbes(len(hparams), d_model, n_classes, seed).to(device)
-    opt = BatchedAdamW([probes.W_pdc, probes.b_pc], [h['learning_rate'] for h in hparams], [h['weight_decay'] for h in hparams])
-    losses, fitted = [], False
-    for batch in tqdm(batches, total=total, disable=not progress, desc='probes', unit='batch'):
+    opt = BatchedAdamW([probes.W_pdc, probes.b_pc], [h['learning_rate'] for h in hparams],
+                       [h['weight_decay'] for h in hparams])
+    losses, fitted, n_p = [], False, len(hparams)
+    for batch in progress_bar(batches, progress, total=total, desc='probes', unit='batch'):
         x_bd, y_b = batch['acts'].to(device, non_blocking=True), batch['labels'].to(device, non_blocking=True).long()
         if not fitted: probes.fit_input_stats(x_bd); fitted = True
         logits_pbc = probes(x_bd)
-        loss_p = F.cross_entropy(logits_pbc.flatten(0, 1), y_b.repeat(len(hparams)), reduction='none').view(len(hparams), -1).mean(1)
+        loss_p = F.cross_entropy(logits_pbc.flatten(0, 1), y_b.repeat(n_p), reduction='none').view(n_p, -1).mean(1)
         opt.zero_grad(); loss_p.sum().backward(); opt.step()
         losses.append(loss_p.detach().cpu().numpy())
-    if not fitted: raise ValueError("train_probes got no batches; check that the training shards hold examples")
+    if not fitted: raise ProbeError("train_probes got no batches; check that the training shards hold examples")
     return probes, np.stack(losses)
 
 # %% ../nbs/08_probe.ipynb #45d8f890
@@ -150,7 +166,9 @@ def predict_pixels(logits_pegc: torch.Tensor,  # (n_probes, n_examples, gh*gw, C
     "Upsample patch logits bilinearly to the label map and take the argmax."
     p, e, t, c = logits_pegc.shape
     gh, gw = grid
-    if gh * gw != t: raise ValueError(f"patch grid {grid} has {gh*gw} patches but the logits have {t} per example; pass the model's grid")
+    if gh * gw != t:
+        raise ValueError(f"patch grid {grid} has {gh*gw} patches but the logits have {t} per example; "
+                         "pass the model's grid")
     x = logits_pegc.reshape(p * e, gh, gw, c).permute(0, 3, 1, 2).float()
     up = F.interpolate(x, size=tuple(size), mode='bilinear', align_corners=False)
     return up.argmax(1).view(p, e, *size)
@@ -203,10 +221,18 @@ def load_probe(fpath: Path|str,  # a checkpoint written by `save_probe`
               ) -> tuple[LinearProbes, dict]:  # a one-probe stack and its metadata
     "Load a saved probe as a `LinearProbes` with `n_probes=1`."
     fpath = Path(fpath)
-    if not fpath.is_file(): raise FileNotFoundError(f"{fpath}: no probe checkpoint; train probes with `saev_nb semseg train` or pass a probe.safetensors file")
+    if not fpath.is_file():
+        raise MissingFileError(f"{fpath}: no probe checkpoint; train probes with `saev_nb semseg train` "
+                               "or pass a probe.safetensors file")
     from safetensors import safe_open
-    with safe_open(str(fpath), 'pt') as f: md = f.metadata() or {}
-    if md.get('format') != 'saev_nb.probe/1': raise ValueError(f"{fpath}: not a saev_nb probe checkpoint (format {md.get('format')!r}); pass a file written by `saev_nb semseg train`")
+    try:
+        with safe_open(str(fpath), 'pt') as f: md = f.metadata() or {}
+    except Exception as e:
+        raise ProbeError(f"{fpath}: not a safetensors file ({type(e).__name__}); pass a probe.safetensors file "
+                         "written by `saev_nb semseg train`") from None
+    if md.get('format') != 'saev_nb.probe/1':
+        raise ProbeError(f"{fpath}: not a saev_nb probe checkpoint (format {md.get('format')!r}); "
+                         "pass a file written by `saev_nb semseg train`")
     t = load_file(str(fpath))
     c, d = t['weight'].shape
     probe = LinearProbes(1, d, c)
@@ -226,7 +252,8 @@ def results_frame(hparams: list[dict],  # one per probe
     for i, n in enumerate(names, 1):
         cols.append(n if n not in seen else f'{n} ({i})'); seen.add(n)
     df = pd.DataFrame({'probe': [probe_name(h) for h in hparams],
-                       'learning_rate': [h['learning_rate'] for h in hparams], 'weight_decay': [h['weight_decay'] for h in hparams],
+                       'learning_rate': [h['learning_rate'] for h in hparams],
+                       'weight_decay': [h['weight_decay'] for h in hparams],
                        'acc': scores['acc'], 'mean_iou': scores['miou'], 'n_classes_present': scores['n_present']})
     return pd.concat([df, pd.DataFrame(scores['iou'], columns=cols)], axis=1)
 
@@ -243,7 +270,7 @@ def plot_sweep(df: pd.DataFrame,  # `results_frame` output
     return fig
 
 # %% ../nbs/08_probe.ipynb #b4028fe5
-from .data import SegFolder, N_CLASSES, one_line_errors
+from .data import SegFolder, N_CLASSES
 from .shards import Metadata, open_labels, vit_for_shards
 
 @dataclass(frozen=True)
@@ -269,31 +296,43 @@ def resolve_layer(md: Metadata,  # shard metadata
     "The recorded block to read, or a one-line error listing the recorded ones."
     if layer is None: return md.layers[-1]
     if layer in md.layers: return layer
-    raise ValueError(f"{dpath}: layer {layer} was not recorded (recorded: {list(md.layers)}); pass one of those or record it with `saev_nb shards --layers`")
+    raise ProbeError(f"{dpath}: layer {layer} was not recorded (recorded: {list(md.layers)}); "
+                     "pass one of those or record it with `saev_nb shards --layers`")
 
 # %% ../nbs/08_probe.ipynb #4d66ad0c
 def _stack_labels(items): return torch.stack([torch.as_tensor(np.asarray(it['labels'])) for it in items])
+
+def _recorded_split(md: Metadata) -> str|None:
+    "The split named in the shards' data config (a JSON dict, or saev's base64 pickle), None if it names none."
+    if isinstance(md.data, dict): return md.data.get('split')
+    try:
+        from saev_nb.shards import decode_data
+        return decode_data(md.data).get('split')
+    except (ImportError, UserError): return None
 
 def label_batches(md: Metadata,  # metadata of the shards being scored
                   imgs: ImgsConfig,  # where the images are
                   batch_size: int = 64,  # label maps per batch
                   n_workers: int = 0,  # DataLoader workers
-                 ) -> tuple[torch.utils.data.DataLoader, list[str], tuple[int, int]]:  # uint8 (B, H, W) batches in storage order, class names, patch grid
-    "The label maps of a shard set's images at the model's geometry, in batches, with class names and patch grid."
-    vit = vit_for_shards(md, geometry_only=True)  # the recording model's geometry: only its label transform and grid are used
-    split = imgs.split or md.data.get('split') or 'validation'
+                 ) -> tuple[torch.utils.data.DataLoader, list[str], tuple[int, int]]:  # (B, H, W) batches, names, grid
+    "The label maps of a shard set's images at the model's geometry (storage order), with class names and patch grid."
+    vit = vit_for_shards(md, geometry_only=True)  # only the recording model's label transform and grid are used
+    split = imgs.split or _recorded_split(md) or 'validation'
     ds = SegFolder(imgs.root, split, seg_transform=vit.seg_transform)
-    if len(ds) != md.n_examples: raise ValueError(f"{imgs.root}/images/{split}: {len(ds)} images but the shards hold {md.n_examples} examples; pass the root and split the shards were recorded from")
+    if len(ds) != md.n_examples:
+        raise ProbeError(f"{imgs.root}/images/{split}: {len(ds)} images but the shards hold {md.n_examples} examples; "
+                         "pass the root and split the shards were recorded from")
     dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=n_workers, collate_fn=_stack_labels)
     return dl, ds.class_names, tuple(vit.grid)
 
 def pixel_labels(md: Metadata,  # metadata of the shards being scored
                  imgs: ImgsConfig,  # where the images are
                  n_workers: int = 0,  # DataLoader workers
+                 progress: bool = True,  # progress bar (shown for 8 batches or more)
                 ) -> tuple[torch.Tensor, list[str], tuple[int, int]]:  # labels (N, H, W) uint8, class names, patch grid
     "Label maps of every example of a shard set at the model's geometry, its class names and the patch grid."
     dl, names, grid = label_batches(md, imgs, n_workers=n_workers)
-    labels = torch.cat(list(tqdm(dl, desc='labels', leave=False, disable=len(dl) < 8))).to(torch.uint8)
+    labels = torch.cat(list(progress_bar(dl, progress and len(dl) >= 8, desc='labels', leave=False))).to(torch.uint8)
     return labels, names, grid
 
 # %% ../nbs/08_probe.ipynb #64bfdcc1
@@ -310,7 +349,8 @@ def ordered_loader(dpath: Path, layer: int, tokens: str = 'content', batch_size:
     from saev_nb.loaders import OrderedConfig, OrderedLoader
     md = Metadata.load(dpath)
     per = md.tokens_per_example if tokens == 'all' else md.content_tokens_per_example
-    return OrderedLoader(OrderedConfig(shards=dpath, layer=layer, tokens=tokens, batch_size=max(per, min(batch_size, per * md.n_examples))))
+    bs = max(per, min(batch_size, per * md.n_examples))
+    return OrderedLoader(OrderedConfig(shards=dpath, layer=layer, tokens=tokens, batch_size=bs))
 
 @torch.no_grad()
 def validate_probes(probes: LinearProbes,  # probes reading `acts`
@@ -319,18 +359,18 @@ def validate_probes(probes: LinearProbes,  # probes reading `acts`
                     device: str = 'cpu',  # where to compute
                     batch_size: int = 8192,  # tokens per loader batch
                     max_elems: int = 2**26,  # cap on upsampled logits held at once
-                    progress: bool = True,  # tqdm bar
+                    progress: bool = True,  # progress bar
                    ) -> tuple[torch.Tensor, list[str]]:  # confusion (n_probes, C, C), class names
     "Pixel-level confusion matrices of every probe on a shard set."
     md = Metadata.load(acts.shard_root)
     layer = resolve_layer(md, acts.layer, acts.shard_root)
-    labels_nhw, names, grid = pixel_labels(md, imgs)
+    labels_nhw, names, grid = pixel_labels(md, imgs, progress=progress)
     size, p, c = tuple(labels_nhw.shape[1:]), probes.n_probes, probes.n_classes
     dl = ordered_loader(acts.shard_root, layer, 'content', batch_size)
     probes = probes.to(device).eval()
     conf = torch.zeros(p, c, c, dtype=torch.long, device=device)
     per = max(1, max_elems // (c * size[0] * size[1]))  # (probe, example) pairs upsampled at once
-    for batch in tqdm(dl, desc='validate', disable=not progress, leave=False):
+    for batch in progress_bar(dl, progress, desc='validate', leave=False):
         acts_etd, ids = _examples_of(batch, md.content_tokens_per_example)
         e, t, d = acts_etd.shape
         logits_pegc = probes(acts_etd.view(e * t, d).to(device)).view(p, e, t, c)
@@ -351,7 +391,8 @@ def stack_probes(probes: tp.Sequence[LinearProbes],  # one-probe stacks (e.g. fr
                 ) -> LinearProbes:
     "One stack computing the same logits as the given probes, standardization folded into the weights."
     d, c = probes[0].d_model, probes[0].n_classes
-    if any(p.d_model != d or p.n_classes != c for p in probes): raise ValueError(f"probes differ in input width or class count; stack probes trained on the same activations")
+    if any(p.d_model != d or p.n_classes != c for p in probes):
+        raise ProbeError("probes differ in input width or class count; stack probes trained on the same activations")
     out = LinearProbes(sum(p.n_probes for p in probes), d, c)
     W = torch.cat([p.W_pdc * p.scale for p in probes])
     b = torch.cat([p.b_pc - torch.einsum('d,pdc->pc', p.mean_d * p.scale, p.W_pdc) for p in probes])
@@ -360,7 +401,7 @@ def stack_probes(probes: tp.Sequence[LinearProbes],  # one-probe stacks (e.g. fr
 
 # %% ../nbs/08_probe.ipynb #e01089eb
 @dataclass(frozen=True)
-class TrainConfig:
+class ProbeTrainConfig:
     "Train a grid of linear segmentation probes on recorded activations and validate them."
     train_acts: ActsConfig = ActsConfig()
     """Training activations (with labels.bin)."""
@@ -384,9 +425,11 @@ class TrainConfig:
     """Torch device."""
     seed: int = 42
     """Seed of the probe initialisation and the data order."""
+    force: bool = False
+    """Retrain even if `<out>` already holds probes trained with these settings."""
 
 @dataclass(frozen=True)
-class ValidateConfig:
+class ProbeValidateConfig:
     "Score saved probes at pixel level on a shard set."
     acts: ActsConfig = ActsConfig()
     """Activations to score (the probes' layer)."""
@@ -395,68 +438,162 @@ class ValidateConfig:
     ckpts: Path|None = None
     """A probe.safetensors file or a folder holding `*/probe.safetensors`; default: `<out>/checkpoints`."""
     out: Path = Path('semseg')
-    """Output folder; results go to `<out>/logs/`."""
+    """Output folder; results go to `<out>/validate/<shards hash>/` (training's `logs/results.csv` is kept)."""
     device: str = 'cpu'
     """Torch device."""
+    force: bool = False
+    """Re-score even if these probes were already scored on these shards."""
 
 # %% ../nbs/08_probe.ipynb #5447efb4
+import sys
+from .shards import atomic_write
+
 def write_results(df: pd.DataFrame,  # `results_frame` output
                   logs_dpath: Path,  # folder for results.csv and hparam-sweeps.png
                  ) -> Path:  # the CSV
-    "Write results.csv and hparam-sweeps.png."
+    "Write results.csv (atomically: it marks the step as done) and hparam-sweeps.png."
     import matplotlib.pyplot as plt
     logs_dpath.mkdir(parents=True, exist_ok=True)
-    df.to_csv(logs_dpath/'results.csv', index=False)
     fig = plot_sweep(df); fig.savefig(logs_dpath/'hparam-sweeps.png', dpi=120); plt.close(fig)
+    atomic_write(logs_dpath/'results.csv', lambda p: df.to_csv(p, index=False))
     return logs_dpath/'results.csv'
 
-def _check_pair(train_md: Metadata, val_md: Metadata, layer: int, cfg: TrainConfig):
+@dataclass(frozen=True, eq=False)
+class ProbeResults:
+    "What a probe step produced: the results table, where it was written, the checkpoints, and whether it was skipped."
+    table: pd.DataFrame
+    """One row per probe (`results_frame`)."""
+    fpath: Path
+    """The results CSV."""
+    ckpt_fpaths: tuple[Path, ...]
+    """The checkpoint of each row."""
+    skipped: str = ''
+    """Why nothing was recomputed (empty when the step ran)."""
+
+    @property
+    def best(self) -> pd.Series:
+        "The row of the highest-mIoU probe."
+        return self.table.loc[self.table.mean_iou.fillna(-1).idxmax()]
+
+    @property
+    def best_fpath(self) -> Path:
+        "The checkpoint of the highest-mIoU probe."
+        return self.ckpt_fpaths[int(self.table.mean_iou.fillna(-1).to_numpy().argmax())]
+
+    def summary(self) -> str:
+        "One line: the best probe, its mIoU and pixel accuracy, and its checkpoint."
+        b = self.best
+        return (f"best probe {b['probe']}: mIoU {b['mean_iou']:.3f}, pixel accuracy {b['acc']:.3f} "
+                f"(of {len(self.table)} probes, mIoU over {int(b['n_classes_present'])} classes): {self.best_fpath}")
+
+def _log(msg: str): print(msg, file=sys.stderr, flush=True)
+
+def _same_settings(fpath: Path, settings: dict) -> bool:
+    try: return json.loads(fpath.read_text()) == json.loads(json.dumps(settings))
+    except (OSError, json.JSONDecodeError): return False
+
+def _check_pair(train_md: Metadata, val_md: Metadata, layer: int, cfg: ProbeTrainConfig):
     for k in ('family', 'ckpt', 'd_model', 'content_tokens_per_example'):
-        if getattr(train_md, k) != getattr(val_md, k): raise ValueError(f"{cfg.val_acts.shard_root}: {k} is {getattr(val_md, k)!r} but the training shards have {getattr(train_md, k)!r}; validate on shards recorded from the same model")
+        if getattr(train_md, k) != getattr(val_md, k):
+            raise ProbeError(f"{cfg.val_acts.shard_root}: {k} is {getattr(val_md, k)!r} but the training shards have "
+                             f"{getattr(train_md, k)!r}; validate on shards recorded from the same model")
     resolve_layer(val_md, layer, cfg.val_acts.shard_root)
 
-@one_line_errors('saev_nb semseg train', ValueError, FileNotFoundError)
-def train_cli(cfg: TrainConfig) -> Path:
-    "`saev_nb semseg train`: train the probe grid, save each probe, validate, print the results path."
+def train_probe_sweep(cfg: ProbeTrainConfig,  # shards, sweep and output folder
+                      progress: bool = True,  # progress bars
+                     ) -> ProbeResults:
+    "Train the probe grid in one pass per epoch, save every probe, validate them all, write results.csv."
     from saev_nb.loaders import ShuffledConfig, ShuffledLoader
-    hparams = load_sweep(cfg.sweep, cfg.learning_rate, cfg.weight_decay) if cfg.sweep else [{'learning_rate': cfg.learning_rate, 'weight_decay': cfg.weight_decay}]
+    hparams = (load_probe_sweep(cfg.sweep, cfg.learning_rate, cfg.weight_decay) if cfg.sweep
+               else [{'learning_rate': cfg.learning_rate, 'weight_decay': cfg.weight_decay}])
     md = Metadata.load(cfg.train_acts.shard_root)
     layer = resolve_layer(md, cfg.train_acts.layer, cfg.train_acts.shard_root)
-    if open_labels(cfg.train_acts.shard_root, md) is None: raise FileNotFoundError(f"{cfg.train_acts.shard_root}/labels.bin: missing; probes need patch labels, record the shards from a segmentation data set (data:img-seg-folder)")
+    if open_labels(cfg.train_acts.shard_root, md) is None:
+        raise MissingFileError(f"{cfg.train_acts.shard_root}/labels.bin: missing; probes need patch labels, "
+                               "record the shards from a segmentation data set (data:img-seg-folder)")
     val_md = Metadata.load(cfg.val_acts.shard_root)
-    _check_pair(md, val_md, cfg.val_acts.layer if cfg.val_acts.layer is not None else layer, cfg)
-    dl = ShuffledLoader(ShuffledConfig(shards=cfg.train_acts.shard_root, layer=layer, tokens='content', batch_size=cfg.batch_size, seed=cfg.seed))
+    val_layer = cfg.val_acts.layer if cfg.val_acts.layer is not None else layer
+    _check_pair(md, val_md, val_layer, cfg)
+    logs = cfg.out/'logs'
+    ckpts = tuple(cfg.out/'checkpoints'/probe_name(h)/'probe.safetensors' for h in hparams)
+    settings = {'hparams': hparams, 'train': [md.hash, layer], 'val': [val_md.hash, val_layer],
+                'imgs': [str(Path(cfg.imgs.root).resolve()), cfg.imgs.split],
+                'n_epochs': cfg.n_epochs, 'batch_size': cfg.batch_size, 'seed': cfg.seed}
+    done = logs/'train-settings.json'
+    finished = (logs/'results.csv').is_file() and all(f.is_file() for f in ckpts) and _same_settings(done, settings)
+    if finished and not cfg.force:
+        why = (f"{cfg.out}: these {len(hparams)} probes were already trained and validated with the same settings "
+               f"({done.name}); skipping (pass --force to retrain)")
+        _log(why)
+        return ProbeResults(pd.read_csv(logs/'results.csv'), logs/'results.csv', ckpts, why)
+    dl = ShuffledLoader(ShuffledConfig(shards=cfg.train_acts.shard_root, layer=layer, tokens='content',
+                                       batch_size=cfg.batch_size, seed=cfg.seed))
     n_batches = cfg.n_epochs * math.ceil(dl.n_tokens / cfg.batch_size)
     batches = (b for _ in range(cfg.n_epochs) for b in dl)
-    probes, losses = train_probes(batches, hparams, md.d_model, N_CLASSES, cfg.device, cfg.seed, total=n_batches)
-    meta = {'shards': str(cfg.train_acts.shard_root), 'layer': layer, 'family': md.family, 'ckpt': md.ckpt, 'n_epochs': cfg.n_epochs, 'batch_size': cfg.batch_size}
-    for i, h in enumerate(hparams): save_probe(probes, i, cfg.out/'checkpoints'/probe_name(h)/'probe.safetensors', {**h, **meta, 'final_loss': float(losses[-1, i])})
-    logs = cfg.out/'logs'; logs.mkdir(parents=True, exist_ok=True)
+    probes, losses = train_probes(batches, hparams, md.d_model, N_CLASSES, cfg.device, cfg.seed, progress, n_batches)
+    meta = {'shards': str(cfg.train_acts.shard_root), 'layer': layer, 'family': md.family, 'ckpt': md.ckpt,
+            'n_epochs': cfg.n_epochs, 'batch_size': cfg.batch_size}
+    for i, (h, f) in enumerate(zip(hparams, ckpts)):
+        save_probe(probes, i, f, {**h, **meta, 'final_loss': float(losses[-1, i])})
+    logs.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(losses, columns=[probe_name(h) for h in hparams]).to_csv(logs/'train-loss.csv', index_label='step')
-    val_acts = ActsConfig(cfg.val_acts.shard_root, cfg.val_acts.layer if cfg.val_acts.layer is not None else layer)
-    conf, names = validate_probes(probes, val_acts, cfg.imgs, cfg.device)
-    fpath = write_results(results_frame(hparams, seg_scores(conf), names), logs)
-    print(fpath)
-    return fpath
+    conf, names = validate_probes(probes, ActsConfig(cfg.val_acts.shard_root, val_layer), cfg.imgs, cfg.device,
+                                  progress=progress)
+    df = results_frame(hparams, seg_scores(conf), names)
+    fpath = write_results(df, logs)
+    atomic_write(done, lambda p: p.write_text(json.dumps(settings, indent=1)))
+    return ProbeResults(df, fpath, ckpts)
+
+def probe_train_cli(cfg: ProbeTrainConfig):
+    "`saev_nb semseg train`: train and validate the probe grid; print the best probe and the results path."
+    res = train_probe_sweep(cfg)
+    print(res.summary())
+    print(res.fpath)
 
 def find_probes(ckpts: Path) -> list[Path]:
     "Probe checkpoints in `ckpts` (a file, or a folder of `*/probe.safetensors`), sorted."
     if ckpts.is_file(): return [ckpts]
     fpaths = sorted(ckpts.glob('*/probe.safetensors'))
-    if not fpaths: raise FileNotFoundError(f"{ckpts}: no */probe.safetensors inside; pass the checkpoints folder of `saev_nb semseg train` or one probe file")
+    if not fpaths:
+        raise MissingFileError(f"{ckpts}: no */probe.safetensors inside; pass the checkpoints folder of "
+                               "`saev_nb semseg train` or one probe file")
     return fpaths
 
-@one_line_errors('saev_nb semseg validate', ValueError, FileNotFoundError)
-def validate_cli(cfg: ValidateConfig) -> Path:
-    "`saev_nb semseg validate`: score saved probes at pixel level, write results.csv and the sweep plot."
+def validate_saved_probes(cfg: ProbeValidateConfig,  # probes, shards and output folder
+                          progress: bool = True,  # progress bars
+                         ) -> ProbeResults:
+    "Score saved probes on a shard set; results go to `<out>/validate/<shards hash>/`, never over training's."
     fpaths = find_probes(cfg.ckpts or cfg.out/'checkpoints')
     loaded = [load_probe(f) for f in fpaths]
     md = Metadata.load(cfg.acts.shard_root)
-    layer = cfg.acts.layer if cfg.acts.layer is not None else loaded[0][1].get('layer')
+    layer = resolve_layer(md, cfg.acts.layer if cfg.acts.layer is not None else loaded[0][1].get('layer'),
+                          cfg.acts.shard_root)
     for f, (p, meta) in zip(fpaths, loaded):
-        if p.d_model != md.d_model: raise ValueError(f"{f}: probe reads d_model={p.d_model} but {cfg.acts.shard_root} has d_model={md.d_model}; score it on shards of the model it was trained on")
-    hparams = [{'learning_rate': m.get('learning_rate', float('nan')), 'weight_decay': m.get('weight_decay', float('nan'))} for _, m in loaded]
-    conf, names = validate_probes(stack_probes([p for p, _ in loaded]), ActsConfig(cfg.acts.shard_root, layer), cfg.imgs, cfg.device)
-    fpath = write_results(results_frame(hparams, seg_scores(conf), names), cfg.out/'logs')
-    print(fpath)
-    return fpath
+        if p.d_model != md.d_model:
+            raise ProbeError(f"{f}: probe reads d_model={p.d_model} but {cfg.acts.shard_root} has "
+                             f"d_model={md.d_model}; "
+                             "score it on shards of the model it was trained on")
+    dpath = cfg.out/'validate'/md.hash[:12]
+    settings = {'ckpts': [[str(f.resolve()), f.stat().st_mtime_ns] for f in fpaths], 'shards': md.hash, 'layer': layer,
+                'imgs': [str(Path(cfg.imgs.root).resolve()), cfg.imgs.split]}
+    if not cfg.force and (dpath/'results.csv').is_file() and _same_settings(dpath/'settings.json', settings):
+        why = (f"{dpath}: these {len(fpaths)} probes were already scored on these shards; skipping "
+               "(pass --force to re-score)")
+        _log(why)
+        return ProbeResults(pd.read_csv(dpath/'results.csv'), dpath/'results.csv', tuple(fpaths), why)
+    nan = float('nan')
+    hparams = [{'learning_rate': m.get('learning_rate', nan), 'weight_decay': m.get('weight_decay', nan)}
+               for _, m in loaded]
+    stack = stack_probes([p for p, _ in loaded])
+    conf, names = validate_probes(stack, ActsConfig(cfg.acts.shard_root, layer), cfg.imgs, cfg.device,
+                                  progress=progress)
+    df = results_frame(hparams, seg_scores(conf), names)
+    fpath = write_results(df, dpath)
+    atomic_write(dpath/'settings.json', lambda p: p.write_text(json.dumps(settings, indent=1)))
+    return ProbeResults(df, fpath, tuple(fpaths))
+
+def probe_validate_cli(cfg: ProbeValidateConfig):
+    "`saev_nb semseg validate`: score saved probes at pixel level; print the best probe and the results path."
+    res = validate_saved_probes(cfg)
+    print(res.summary())
+    print(res.fpath)

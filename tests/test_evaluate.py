@@ -6,6 +6,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from saev_nb.data import UserError
 from saev_nb.evaluate import Metrics, TokenActs, csr_topk, example_max, merge_moments, pareto_mask, plot_latent_hists, plot_pareto
 
 
@@ -77,7 +78,7 @@ def test_thresholds_and_empty():
     m = Metrics(2, 3, almost_dead=1e-7, dense=1e-2).update(torch.randn(10_000, 2), torch.zeros(10_000, 2), f)
     s = m.summary()
     assert (s['n_dead'], s['n_almost_dead'], s['n_dense']) == (1, 1, 1)
-    with pytest.raises(ValueError, match='no tokens'):
+    with pytest.raises(UserError, match="no tokens"):
         Metrics(2, 3).update(torch.randn(4, 2), torch.randn(4, 2), torch.zeros(4, 3), torch.zeros(4, dtype=torch.bool)).summary()
 
 
@@ -136,44 +137,46 @@ def test_plots_write_png(tmp_path):
     for f in ('p.png', 'h.png'): assert (tmp_path / f).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
-# ---------------------------------------------------------------- inference / plots end to end (CLI)
-import os, subprocess, sys
+# ---------------------------------------------------------------- inference / plots end to end (installed CLI)
+import os, shutil, subprocess
 from pathlib import Path
 
+import pandas as pd
+from helpers import cli, cli_fails, tiny_shards
 
-def _cli(*args):
-    return subprocess.run([sys.executable, '-m', 'saev_nb.cli', *map(str, args)], capture_output=True, text=True, timeout=300)
 
-
-def _one_line_error(r, *needles):
-    assert r.returncode != 0, r.stdout
-    assert 'Traceback' not in r.stderr, r.stderr
-    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
-    assert len(lines) == 1, r.stderr
-    for n in needles: assert n in lines[0], lines[0]
+def _train(shards, layer, runs_root, d_model, sweep=None, **kw):
+    "Train tiny TopK SAEs in-process with the real trainer (a sweep file gives several runs in one data pass)."
+    from saev_nb.loaders import ShuffledConfig
+    from saev_nb.sae import SAEConfig, TopK
+    from saev_nb.train import TrainConfig, Vanilla, train
+    data = ShuffledConfig(shards=shards, layer=layer, batch_size=512)
+    cfg = TrainConfig(train_data=data, val_data=data, sae=SAEConfig(d_model=d_model, d_sae=64, activation=TopK(top_k=4)), objective=Vanilla(),
+                      n_train=kw.pop('n_train', 128 * 16 * 4), n_val=kw.pop('n_val', 128 * 16), lr=3e-3, n_lr_warmup=1, runs_root=runs_root, sweep=sweep, **kw)
+    return train(cfg, progress=False)
 
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
-    "Random labelled shards and one TopK SAE trained on layer 1 by the real trainer (val = all tokens)."
+    "Random labelled shards (layers 0, 1) and two TopK SAEs (a two-point lr sweep) trained on layer 1; val = all tokens."
     from saev_nb.shards import make_random_shards
-    from saev_nb.loaders import ShuffledConfig
-    from saev_nb.sae import SAEConfig, TopK
-    from saev_nb.train import TrainConfig, Vanilla, train
     tmp = tmp_path_factory.mktemp('ev')
     shards = make_random_shards(tmp / 'shards', n_examples=128, layers=(0, 1), d_model=32, content_tokens=16, labels=True)
-    data = ShuffledConfig(shards=shards, layer=1, batch_size=512)
-    (run,) = train(TrainConfig(train_data=data, val_data=data, sae=SAEConfig(d_model=32, d_sae=64, activation=TopK(top_k=4)), objective=Vanilla(),
-                               n_train=128 * 16 * 4, n_val=128 * 16, lr=3e-3, n_lr_warmup=4, runs_root=tmp / 'runs'), progress=False)
-    return tmp, shards, run
+    (tmp / 'sweep.toml').write_text('lr = [3e-3, 1e-3]\n')
+    runs = _train(shards, 1, tmp / 'runs', 32, sweep=tmp / 'sweep.toml')
+    assert len(runs) == 2
+    return tmp, shards, runs
+
+
+def _key_dir(run, shards, key='layer1-content'):
+    return run / 'inference' / shards.name / key
 
 
 def test_inference_cli_writes_skips_and_forces(trained):
-    tmp, shards, run = trained
-    r = _cli('inference', '--run', run, '--data.shards', shards, '--data.layer', 1, '--data.batch-size', 512)
-    assert r.returncode == 0, r.stderr
+    tmp, shards, (run, _) = trained
+    r = cli('inference', '--run', run, '--data.shards', shards, '--data.layer', 1, '--data.batch-size', 512)
     out = Path(r.stdout.strip().splitlines()[-1])
-    assert out == run / 'inference' / shards.name
+    assert out == _key_dir(run, shards) and len(r.stdout.strip().splitlines()) == 1
     for f in ('metrics.json', 'config.json', 'freqs.npy', 'mean_values.npy', 'token_acts.npz', 'histograms.png'): assert (out / f).exists(), f
     m = json.loads((out / 'metrics.json').read_text())
     assert m['n_tokens'] == 128 * 16 and m['l0'] == pytest.approx(4.0)
@@ -182,23 +185,60 @@ def test_inference_cli_writes_skips_and_forces(trained):
     assert m['normalized_mse'] == pytest.approx(ev['nmse'], rel=1e-5)
     acts = sp.load_npz(out / 'token_acts.npz')
     assert acts.shape == (128 * 16, 64) and np.all(np.diff(acts.indptr) == 4)
-    freqs = np.load(out / 'freqs.npy')
-    np.testing.assert_allclose(freqs, (acts.toarray() != 0).mean(0), rtol=1e-6)
-    # rerun: skipped, files untouched; --force: recomputed (in-process, same function the CLI calls)
-    from saev_nb.evaluate import InferenceConfig, inference_cli
-    from saev_nb.loaders import OrderedConfig
-    cfg = InferenceConfig(run=run, data=OrderedConfig(shards=shards, layer=1, batch_size=512))
+    np.testing.assert_allclose(np.load(out / 'freqs.npy'), (acts.toarray() != 0).mean(0), rtol=1e-6)
+    # rerun: says it skips and why, files untouched; --force recomputes
     mtime = (out / 'metrics.json').stat().st_mtime_ns
-    assert inference_cli(cfg) == out and (out / 'metrics.json').stat().st_mtime_ns == mtime
-    assert inference_cli(InferenceConfig(run=run, data=cfg.data, force=True)) == out and (out / 'metrics.json').stat().st_mtime_ns != mtime
+    r = cli('inference', '--run', run, '--data.shards', shards, '--data.layer', 1)
+    assert 'already evaluated' in r.stderr and 'skipping' in r.stderr and '--force' in r.stderr
+    assert Path(r.stdout.strip()) == out and (out / 'metrics.json').stat().st_mtime_ns == mtime
+    cli('inference', '--run', run, '--data.shards', shards, '--force')
+    assert (out / 'metrics.json').stat().st_mtime_ns != mtime
 
 
-def test_inference_ignore_labels(trained):
-    from saev_nb.evaluate import InferenceConfig, inference
-    from saev_nb.loaders import OrderedConfig
+def test_inference_layer_defaults_and_negative_layers(trained):
+    "No --data.layer: the training layer; -1 resolves as `shards --layers` does (here the last recorded block, no model)."
+    tmp, shards, (run, _) = trained
+    assert Path(cli('inference', '--run', run, '--data.shards', shards).stdout.strip()) == _key_dir(run, shards)
+    assert Path(cli('inference', '--run', run, '--data.shards', shards, '--data.layer', -1).stdout.strip()) == _key_dir(run, shards)
+    cli_fails('inference', '--run', run, '--data.shards', shards, '--data.layer', -2, contains='trained on layer 1, but --data.layer is -2 (block 0)')
+
+
+def test_inference_negative_layer_uses_the_models_blocks(tmp_path):
+    "On shards of the tiny ViT (4 blocks, layers 2 and 3 recorded) -1 is block 3 and -2 block 2, the model's own resolver."
+    from saev_nb.models import load_vit
+    from saev_nb.evaluate import resolve_eval_layer
+    from saev_nb.shards import Metadata
+    d = tiny_shards(tmp_path)
+    md = Metadata.load(d['train'])
+    vit = load_vit(md.family, md.ckpt)
+    assert [resolve_eval_layer(md, l) for l in (-1, -2)] == list(vit.resolve_layers([-1, -2]))[::-1] == [3, 2]
+    (run,) = _train(d['train'], 3, tmp_path / 'runs', md.d_model, n_train=48 * 64 * 2, n_val=1024)
+    out = Path(cli('inference', '--run', run, '--data.shards', d['val'], '--data.layer', -1).stdout.strip())
+    assert out == run / 'inference' / d['val'].name / 'layer3-content'
+    cli_fails('inference', '--run', run, '--data.shards', d['val'], '--data.layer', -2, contains='--data.layer is -2 (block 2); pass --data.layer 3')
+    cli_fails('inference', '--run', run, '--data.shards', d['val'], '--data.layer', -5, contains='out of range for 4 blocks')
+
+
+def test_inference_several_runs_in_one_call(trained):
+    tmp, shards, runs = trained
+    r = cli('inference', '--run', *runs, '--data.shards', shards, '--ignore-labels', 2)
+    outs = [Path(l) for l in r.stdout.strip().splitlines()]
+    assert outs == [_key_dir(p, shards, 'layer1-content-ignore2') for p in runs]
+    assert all((o / 'metrics.json').exists() for o in outs)
+    # one bad run in the list stops the call before any work
+    (tmp / 'runs' / 'unfinished').mkdir(exist_ok=True)
+    cli_fails('inference', '--run', runs[0], tmp / 'runs' / 'unfinished', '--data.shards', shards, '--ignore-labels', 3, contains='unfinished/sae.safetensors: missing')
+    assert not _key_dir(runs[0], shards, 'layer1-content-ignore3').exists()
+
+
+def test_inference_outputs_keyed_by_settings(trained):
+    "Other ignore_labels, tokens or thresholds write next to the earlier results instead of overwriting them."
     from saev_nb.shards import open_labels
-    tmp, shards, run = trained
-    out = inference(InferenceConfig(run=run, data=OrderedConfig(shards=shards, layer=1, batch_size=512), ignore_labels=(0, 3)), progress=False)
+    tmp, shards, (run, _) = trained
+    base = Path(cli('inference', '--run', run, '--data.shards', shards).stdout.strip())
+    before = (base / 'metrics.json').read_bytes()
+    out = Path(cli('inference', '--run', run, '--data.shards', shards, '--ignore-labels', 0, 3).stdout.strip())
+    assert out == _key_dir(run, shards, 'layer1-content-ignore0_3') and (base / 'metrics.json').read_bytes() == before
     labels = np.asarray(open_labels(shards)).ravel()
     ignored = np.isin(labels, [0, 3])
     m = json.loads((out / 'metrics.json').read_text())
@@ -207,42 +247,110 @@ def test_inference_ignore_labels(trained):
     assert acts[np.flatnonzero(ignored)].nnz == 0 and np.all(np.diff(acts.indptr)[~ignored] == 4)
     np.testing.assert_allclose(np.load(out / 'freqs.npy'), (acts.toarray()[~ignored] != 0).mean(0), rtol=1e-6)
     assert json.loads((out / 'config.json').read_text())['ignore_labels'] == [0, 3]
+    thr = Path(cli('inference', '--run', run, '--data.shards', shards, '--dense', 0.5, '--no-save-acts').stdout.strip())
+    assert thr.name == 'layer1-content-dead1e-07-dense0.5' and (base / 'metrics.json').read_bytes() == before
 
 
-def _inproc_error(fn, cfg, *needles):
-    with pytest.raises(SystemExit) as e: fn(cfg)
-    msg = str(e.value.code)
-    assert '\n' not in msg, msg
-    for n in needles: assert n in msg, msg
+def test_content_sae_on_cls_tokens_refused_or_flagged(trained):
+    tmp, shards, (run, _) = trained
+    cli_fails('inference', '--run', run, '--data.shards', shards, '--data.tokens', 'cls', contains='trained on content tokens, but --data.tokens is cls')
+    r = cli('inference', '--run', run, '--data.shards', shards, '--data.tokens', 'cls', '--other-tokens')
+    out = Path(r.stdout.strip())
+    assert out.name == 'layer1-cls' and 'warning' in r.stderr
+    m = json.loads((out / 'metrics.json').read_text())
+    assert m['flag'] == 'SAE trained on content tokens, evaluated on cls tokens' and m['n_tokens'] == 128
 
 
 def test_inference_bad_input_one_line(trained, tmp_path):
-    from saev_nb.evaluate import InferenceConfig, inference_cli
-    from saev_nb.loaders import OrderedConfig
+    from saev_nb.evaluate import InferenceConfig, EvalDataConfig, inference
     from saev_nb.shards import make_random_shards
-    tmp, shards, run = trained
+    tmp, shards, (run, _) = trained
     (tmp_path / 'empty_run').mkdir()
-    _one_line_error(_cli('inference', '--run', tmp_path / 'empty_run', '--data.shards', shards, '--data.layer', 1), 'sae.safetensors')
-    cfg = lambda run, shards, layer: InferenceConfig(run=run, data=OrderedConfig(shards=shards, layer=layer, batch_size=512))
-    _inproc_error(inference_cli, cfg(tmp_path / 'nope', shards, 1), 'run directory not found')
-    _inproc_error(inference_cli, cfg(run, shards, 0), 'trained on layer 1', '--data.layer 1')
+    cli_fails('inference', '--run', tmp_path / 'empty_run', '--data.shards', shards, contains='sae.safetensors: missing')
     narrow = make_random_shards(tmp_path / 'shards', n_examples=8, layers=(1,), d_model=16, content_tokens=16)
-    _inproc_error(inference_cli, cfg(run, narrow, 1), 'd_model 16', 'd_model 32')
-    _inproc_error(inference_cli, cfg(run, tmp_path / 'no_shards', 1), 'metadata.json')
-    _inproc_error(inference_cli, InferenceConfig(run=run, data=OrderedConfig(shards=make_random_shards(tmp_path / 's2', n_examples=8, layers=(1,), d_model=32, labels=False), layer=1), ignore_labels=(0,)), 'no labels.bin')
+    cli_fails('inference', '--run', run, '--data.shards', narrow, contains='d_model 16, but the SAE')
+    # the same checks in-process (the CLI turns each UserError into the one line above)
+    no_labels = make_random_shards(tmp_path / 's2', n_examples=8, layers=(1,), d_model=32, labels=False)
+    cfg = lambda r, s, **kw: InferenceConfig(run=r, data=EvalDataConfig(shards=s, **kw.pop('data', {})), **kw)
+    with pytest.raises(UserError, match='run directory not found'): inference(cfg(tmp_path / 'nope', shards))
+    with pytest.raises(UserError, match=r'trained on layer 1, but --data.layer is 0; pass --data.layer 1'): inference(cfg(run, shards, data=dict(layer=0)))
+    with pytest.raises(UserError, match='metadata.json'): inference(cfg(run, tmp_path / 'no_shards'))
+    with pytest.raises(UserError, match='no labels.bin'): inference(cfg(run, no_labels, ignore_labels=(0,)))
 
 
-def test_plots_cli(trained, tmp_path):
-    tmp, shards, run = trained
-    from saev_nb.evaluate import InferenceConfig, inference
-    from saev_nb.loaders import OrderedConfig
-    inference(InferenceConfig(run=run, data=OrderedConfig(shards=shards, layer=1, batch_size=512)), progress=False)
-    r = _cli('plots', '--runs', tmp / 'runs', '--out', tmp_path / 'plots')
-    assert r.returncode == 0, r.stderr
+def _mount_tmpfs(dpath, kb):
+    dpath.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or shutil.which('mount') is None: pytest.skip('a full disk is simulated with a small tmpfs mount, which needs root')
+    r = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={kb}k', 'tmpfs', str(dpath)], capture_output=True, text=True)
+    if r.returncode: pytest.skip(f'cannot mount a tmpfs here ({r.stderr.strip()}): no full-disk test')
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mnt = tmp_path / 'small_disk'
+    _mount_tmpfs(mnt, 64)
+    yield mnt
+    subprocess.run(['umount', '-l', str(mnt)], capture_output=True)
+
+
+def test_inference_on_full_disk_says_disk_full(trained, small_disk):
+    tmp, shards, (run, _) = trained
+    run_copy = small_disk / run.name
+    shutil.copytree(run, run_copy, ignore=shutil.ignore_patterns('inference', 'checkpoint.pt', 'metrics.jsonl'))
+    line = cli_fails('inference', '--run', run_copy, '--data.shards', shards, contains='disk full', env={'TQDM_DISABLE': '1'})  # no progress bar before the line
+    assert str(run_copy / 'inference') in line
+
+
+def test_train_on_full_disk_says_disk_full(trained, small_disk):
+    tmp, shards, _ = trained
+    sae = dict(d_model=32, d_sae=2048)  # 2 x 32 x 2048 float32 = 512 KB of weights: no room on a 64 KB disk
+    line = cli_fails('train', '--train-data.shards', shards, '--train-data.layer', 1, '--val-data.shards', shards, '--val-data.layer', 1,
+                     '--train-data.batch-size', 512, '--val-data.batch-size', 512, '--n-train', 4096, '--n-val', 512, '--sae.d-model', sae['d_model'], '--sae.d-sae', sae['d_sae'],
+                     '--n-lr-warmup', 2, '--runs-root', small_disk / 'runs', '--ckpt-every', 2, 'objective:vanilla', contains='disk full', env={'TQDM_DISABLE': '1'})
+    assert str(small_disk / 'runs') in line
+
+
+def test_plots_cli_names_runs_by_swept_values(trained, tmp_path):
+    from saev_nb.evaluate import PlotsConfig, collect_runs, eval_title, plot_pareto
+    tmp, shards, runs = trained
+    cli('inference', '--run', *runs, '--data.shards', shards)
+    (tmp / 'runs' / 'unfinished').mkdir(exist_ok=True)
+    (tmp / 'runs' / 'unfinished' / 'config.json').write_text('{}')
+    r = cli('plots', '--runs', tmp / 'runs', '--out', tmp_path / 'plots')
     out = Path(r.stdout.strip().splitlines()[-1])
-    import pandas as pd
+    assert 'skipped unfinished: not finished' in r.stderr and 'swept: lr' in r.stderr
     df = pd.read_csv(out / 'runs.csv')
-    assert len(df) >= 1 and {'run', 'l0', 'normalized_mse', 'on_front', 'cfg.lr'} <= set(df.columns)
-    for f in ('pareto.png', 'histograms.png'): assert (out / f).read_bytes()[:4] == b'\x89PNG'
-    from saev_nb.evaluate import PlotsConfig, plots_cli
-    _inproc_error(plots_cli, PlotsConfig(runs=(tmp_path / 'empty',), out=tmp_path / 'p2'), 'no finished evaluation')
+    assert {'run', 'label', 'swept', 'evaluated', 'l0', 'normalized_mse', 'on_front', 'cfg.lr'} <= set(df.columns)
+    plain = df[df.key == 'layer1-content'].sort_values('cfg.lr')
+    assert list(plain.label) == [f'{runs[1].name}  lr=0.001', f'{runs[0].name}  lr=0.003'] and set(df.swept) == {'lr'}
+    assert set(plain.evaluated) == {f'{shards.name[:8]}, layer 1, content tokens'}
+    assert any(f.startswith('pareto') and f.endswith('.png') for f in os.listdir(out)) and (out / 'histograms.png').read_bytes()[:4] == b'\x89PNG'
+    # the legend shows each run's swept values and the title the shards and the layer
+    fig = plot_pareto(plain, title=eval_title(plain))
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert all(any(l.startswith(lab) for l in legend) for lab in plain.label)
+    assert 'layer 1' in fig.axes[0].get_title() and shards.name[:8] in fig.axes[0].get_title()
+    cli_fails('plots', '--runs', tmp_path / 'empty', '--out', tmp_path / 'p2', contains='no finished run')
+
+
+def test_plots_falls_back_to_eval_json(tmp_path):
+    "Runs that were trained but never evaluated are shown with the trainer's eval.json numbers, and plots says so."
+    from saev_nb.shards import make_random_shards
+    shards = make_random_shards(tmp_path / 'shards', n_examples=64, layers=(1,), d_model=32, content_tokens=16)
+    (tmp_path / 'sweep.toml').write_text('seed = [1, 2]\n')
+    runs = _train(shards, 1, tmp_path / 'runs', 32, sweep=tmp_path / 'sweep.toml', n_train=64 * 16 * 2, n_val=512)
+    r = cli('plots', '--runs', tmp_path / 'runs', '--out', tmp_path / 'plots')
+    assert "showing their trainer's validation numbers (eval.json)" in r.stderr
+    df = pd.read_csv(tmp_path / 'plots' / 'runs.csv')
+    assert set(df.source) == {'eval.json'} and len(df) == 2 and set(df.swept) == {'seed'}
+    assert sorted(df.normalized_mse) == sorted(json.loads((p / 'eval.json').read_text())['nmse'] for p in runs)
+
+
+def test_slurm_flags_without_slurm_are_one_line(trained):
+    "With --slurm-acct where no sbatch is on PATH, inference and train stop before any work with one line."
+    import sys
+    tmp, shards, (run, _) = trained
+    env = {'PATH': str(Path(sys.executable).parent)}  # the venv only: no sbatch
+    cli_fails('inference', '--run', run, '--data.shards', shards, '--data.tokens', 'all', '--other-tokens', '--slurm-acct', 'acct',
+              env=env, contains='Slurm is not available here (no sbatch on PATH)')
+    assert not _key_dir(run, shards, 'layer1-all').exists()

@@ -73,3 +73,37 @@ def test_docs_preprocessing(tmp_path):
     n_in = len(list((repo/'nbs').glob('*.ipynb')))
     n_out = len(list((repo/'_proc').glob('*.ipynb')))
     assert n_out == n_in, f'_proc has {n_out} notebooks, nbs has {n_in}'
+
+def _modules():
+    return sorted(p for p in (ROOT/'saev_nb').glob('*.py') if p.name not in ('_modidx.py', '__init__.py'))
+
+def _all_names(fpath):
+    import ast
+    for node in ast.parse(fpath.read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, 'id', '') == '__all__' for t in node.targets):
+            return [e.value for e in node.value.elts]
+    return []
+
+def test_public_names_unique_across_modules():
+    "No public name is defined in two modules (`from saev_nb.x import *` of two steps never shadows one with the other)."
+    seen, dups = {}, []
+    for f in _modules():
+        for n in _all_names(f):
+            if n in seen: dups.append(f'{n} ({seen[n]}, {f.name})')
+            seen[n] = f.name
+    assert not dups, f'public names defined twice: {dups}; rename one or make it private (`_name` or `#| exporti`)'
+
+def test_internal_helpers_not_exported():
+    "`import *` brings the public API only: the loaders' machinery stays out of `__all__`."
+    assert not {'SlotRing', 'RowGather', 'deliver', 'background'} & set(_all_names(ROOT/'saev_nb'/'loaders.py'))
+
+def test_library_lines_within_120_characters():
+    "Library lines are at most 120 characters (the style guide's limit), so modules read without scrolling."
+    def lines(f):  # without nbdev's generated `__all__` block, which nbdev wraps itself
+        in_all = False
+        for i, l in enumerate(f.read_text().splitlines(), 1):
+            in_all = in_all or l.startswith('__all__ = [')
+            if not in_all: yield i, l
+            if in_all and l.rstrip().endswith(']'): in_all = False
+    long = [f'{f.name}:{i}' for f in _modules() for i, l in lines(f) if len(l) > 120]
+    assert not long, f'{len(long)} library lines over 120 characters, e.g. {long[:5]}; wrap them in the notebooks'

@@ -1,6 +1,6 @@
 """saev_nb.loaders: every token exactly once per epoch (each token set, both read paths), values against the stored
 bytes, seeding and resume without re-reading, label filtering, dtypes, normalization, ordered/indexed access, worker
-errors raised in the consumer (never a hang), one clear line per bad input, and the `bench loader` CLI."""
+errors raised in the consumer (never a hang), one clear line per bad input."""
 import dataclasses, json, os, shutil, subprocess, sys, threading, time
 from pathlib import Path
 
@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from saev_nb.loaders import (GatherTicket, IndexedDataset, Normalizer, OrderedConfig, OrderedLoader, RowGather, ShardSource, ShuffledConfig,
-                             ShuffledLoader, background, batch_entropy, bench_loader, BenchLoaderConfig, check_shards)
-from saev_nb.shards import Metadata, ShardError, make_random_shards, open_shard, shard_name
+from saev_nb.data import MissingFileError, UserError
+from saev_nb.loaders import (GatherTicket, IndexedDataset, LoaderError, Normalizer, OrderedConfig, OrderedLoader, RowGather, ShardSource,
+                             ShuffledConfig, ShuffledLoader, background, batch_entropy)
+from saev_nb.shards import HASH_FNAME, Metadata, ShardError, load_shard_info, make_random_shards, open_shard, shard_name
 
 ROOT = Path(__file__).resolve().parents[1]
 P = 12  # content tokens per example in the fixtures
@@ -151,7 +152,7 @@ def test_normalizer_fit_save_load_and_loader(sd, tmp_path):
     assert Normalizer.load(sd2, 5).scale == pytest.approx(nz.scale)
     nz.to_file(tmp_path / 'n.safetensors')
     assert Normalizer.from_file(tmp_path / 'n.safetensors').mean_d.shape == (16,)
-    with pytest.raises(FileNotFoundError, match='no normalizer saved'): Normalizer.load(sd2, 9)
+    with pytest.raises(MissingFileError, match='no normalizer saved'): Normalizer.load(sd2, 9)
 
 
 def test_ordered_and_indexed(sd):
@@ -171,9 +172,41 @@ def test_ordered_and_indexed(sd):
 
 
 def test_saev_named_directory_loads(sd, tmp_path):
-    "saev names the directory by 8 hex characters of its own hash; the loaders do not care."
-    d = Path(shutil.copytree(sd, tmp_path / 'deadbeef'))
-    assert len(list(ShuffledLoader(ShuffledConfig(shards=d, layer=2, batch_size=100)))) == 6
+    "saev's layout: the directory named by 8 hex characters of the hash, no recorded hash, an extra empty shard after an exact fill."
+    ex = make_random_shards(tmp_path / 'x', n_examples=42, layers=(2,), d_model=8, content_tokens=P, max_tokens_per_shard=14 * (P + 1))
+    h = Metadata.load(ex).hash
+    d = Path(shutil.copytree(ex, tmp_path / 'saev' / 'shards' / h[:8])); (d / HASH_FNAME).unlink()
+    shutil.copy(d / shard_name(0), d / shard_name(3))
+    (d / 'shards.json').write_text(json.dumps(load_shard_info(d) + [{'name': shard_name(3), 'n_examples': 0}]))
+    assert len(list(ShuffledLoader(ShuffledConfig(shards=d, layer=2, batch_size=100)))) == 6  # 42 * 12 tokens
+    assert sum(len(b['acts']) for b in OrderedLoader(OrderedConfig(shards=d, layer=2, batch_size=120))) == 42 * P
+    renamed = Path(shutil.copytree(sd, tmp_path / 'my-shards'))  # renamed: the recorded hash still matches
+    (tmp_path / 'link').symlink_to(d)
+    for x in (renamed, tmp_path / 'link'): assert len(IndexedDataset(x, 2)) > 0
+    bad = Path(shutil.copytree(d, tmp_path / 'renamed-saev'))
+    with pytest.raises(ShardError, match=f'name it \\(or a symlink to it\\) {h[:8]}') as e: ShuffledLoader(ShuffledConfig(shards=bad, layer=2))
+    assert 'rewrite' not in str(e.value)
+
+
+def test_edited_metadata_is_refused(sd, tmp_path):
+    "An edited metadata.json (here: other layers) would make the loader read another layer's bytes: refused."
+    d = Path(shutil.copytree(sd, tmp_path / sd.name))
+    txt = (d / 'metadata.json').read_text()
+    (d / 'metadata.json').write_text(txt.replace('"layers": [\n    2,\n    5,\n    9', '"layers": [\n    2,\n    9,\n    5'))
+    assert Metadata.load(d).layers == (2, 9, 5)
+    for make in (lambda: ShuffledLoader(ShuffledConfig(shards=d, layer=5, batch_size=10)),
+                 lambda: OrderedLoader(OrderedConfig(shards=d, layer=5, batch_size=20)), lambda: IndexedDataset(d, 5)):
+        with pytest.raises(ShardError, match='metadata.json: edited after recording'): make()
+    (d / 'metadata.json').write_bytes(b'{"family": "\xff"}')
+    with pytest.raises(ShardError, match=r'metadata.json: not UTF-8 text \(bad byte at 12\)') as e: ShuffledLoader(ShuffledConfig(shards=d, layer=5))
+    assert str(d) in str(e.value) and '\n' not in str(e.value)
+
+
+def test_normalizer_file_follows_umask(sd, tmp_path):
+    old = os.umask(0o002)
+    try: fpath = Normalizer(torch.zeros(16), 2.0).to_file(tmp_path / 'n.safetensors')
+    finally: os.umask(old)
+    assert fpath.stat().st_mode & 0o777 == 0o664
 
 
 # ---- failures: one clear line, raised in the consumer, never a hang ----
@@ -186,7 +219,9 @@ def _broken(sd, tmp_path, name='b'):
     (lambda d: (d / 'acts000002.bin').unlink(), 'acts000002.bin: missing but listed in shards.json'),
     (lambda d: os.truncate(d / 'acts000001.bin', 0), 'acts000001.bin: empty file'),
     (lambda d: os.truncate(d / 'acts000003.bin', 1000), 'acts000003.bin: truncated'),
-    (lambda d: (d / 'shards.json').write_text(json.dumps([{'name': shard_name(i), 'n_examples': 14} for i in range(4)])), 'counts sum to 56 examples but metadata.json says 50'),
+    (lambda d: (d / 'shards.json').write_text(json.dumps([{'name': shard_name(i), 'n_examples': 14} for i in range(4)])), 'acts000003.bin: shards.json says 14 examples, expected 8'),
+    (lambda d: (d / 'shards.json').write_text(json.dumps([{'name': shard_name(i), 'n_examples': 14} for i in range(3)])), 'incomplete, 1 of 4 shards not written'),
+    (lambda d: (d / 'labels.bin').write_bytes(bytes([8]) * 600), "labels.bin: label 8 above the class table's 7"),
     (lambda d: (d / 'shards.json').write_text(json.dumps([{'name': 'x.bin', 'n_examples': 50}])), "lists ['x.bin']"),
     (lambda d: (d / 'shards.json').unlink(), 'shards.json: missing'),
     (lambda d: (d / 'metadata.json').unlink(), 'metadata.json: missing'),
@@ -203,9 +238,12 @@ def test_bad_shard_directories(sd, tmp_path, damage, msg):
 
 def test_bad_requests(sd, tmp_path):
     with pytest.raises(ShardError, match=r'layer 4 was not recorded \(layers: \[2, 5, 9\]\)'): ShuffledLoader(ShuffledConfig(shards=sd, layer=4))
-    with pytest.raises(ValueError, match='use a batch size in 1..600'): ShuffledLoader(ShuffledConfig(shards=sd, layer=2, batch_size=601))
-    with pytest.raises(ValueError, match='use a batch size in 12..600'): OrderedLoader(OrderedConfig(shards=sd, layer=2, batch_size=601))
-    with pytest.raises(ValueError, match='smaller than one example'): OrderedLoader(OrderedConfig(shards=sd, layer=2, batch_size=5))
+    with pytest.raises(LoaderError, match='use a batch size in 1..600'): ShuffledLoader(ShuffledConfig(shards=sd, layer=2, batch_size=601))
+    with pytest.raises(LoaderError, match='use a batch size in 12..600'): OrderedLoader(OrderedConfig(shards=sd, layer=2, batch_size=601))
+    with pytest.raises(LoaderError, match='smaller than one example'): OrderedLoader(OrderedConfig(shards=sd, layer=2, batch_size=5))
+    with pytest.raises(LoaderError, match="tokens='patch'"): ShuffledLoader(ShuffledConfig(shards=sd, layer=2, tokens='patch'))
+    with pytest.raises(LoaderError, match="dtype='int8'"): ShuffledLoader(ShuffledConfig(shards=sd, layer=2, dtype='int8'))
+    assert issubclass(LoaderError, UserError) and issubclass(LoaderError, ValueError)
     nolab = make_random_shards(tmp_path, n_examples=6, layers=(0,), d_model=8, content_tokens=4, labels=False)
     with pytest.raises(ShardError, match='labels.bin: missing, but ignore_labels=\\[0\\] needs patch labels'):
         ShuffledLoader(ShuffledConfig(shards=nolab, layer=0, batch_size=4, ignore_labels=(0,)))
@@ -295,13 +333,6 @@ def test_batch_entropy():
     assert h == pytest.approx(np.log(2)) and hn == pytest.approx(0.5) and cov == 0.5
 
 
-def test_bench_loader_small():
-    r = bench_loader(BenchLoaderConfig(size_gb=0.01, shard_gb=0.004, d_model=32, content_tokens=32, batch_size=512, block_tokens=4, n_repeats=1))
-    assert r['n_tokens'] > 0 and r['shuffled_gbs'] > 0 and r['memcpy_gbs'] > 0 and 0.8 < r['entropy_ratio'] <= 1.05
-    assert r['memcpy_fresh_gbs'] > 0 and r['shuffled_ratio_fresh'] == pytest.approx(r['shuffled_gbs'] / r['memcpy_fresh_gbs'])
-    assert r['goal_met'] == (r['shuffled_ratio'] >= 0.5)
-
-
 def test_prefetch_exact_spans_and_skips_cached(tmp_path):
     "Advice covers exactly the blocks' bytes (touching pieces merged); no call when cached, calls after eviction."
     d = make_random_shards(tmp_path, n_examples=30, layers=(0, 1), d_model=16, content_tokens=P, max_tokens_per_shard=10 * (P + 1) * 2, seed=1)
@@ -319,18 +350,9 @@ def test_prefetch_exact_spans_and_skips_cached(tmp_path):
     assert src.prefetch(blks) == len(sh)
 
 
-def test_cli_bench_loader(tmp_path):
-    out = subprocess.run([sys.executable, '-m', 'saev_nb.cli', 'bench', 'loader', '--size-gb', '0.01', '--shard-gb', '0.004', '--d-model', '32',
-                          '--content-tokens', '32', '--batch-size', '512', '--n-repeats', '1', '--dpath', str(tmp_path / 'b')],
-                         capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert 'shuffled loader' in out.stdout and 'memcpy (same bytes)' in out.stdout and 'memcpy, fresh dest.' in out.stdout and 'goal >= 0.5' in out.stdout
-    assert out.stdout.strip().splitlines()[-1] == str((tmp_path / 'b').resolve())
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason='checks the CPU-only guard')
 def test_cuda_device_without_gpu_is_one_clear_line(sd):
-    with pytest.raises(ValueError, match="torch sees no CUDA device; use device='cpu'"):
+    with pytest.raises(LoaderError, match="torch sees no CUDA device; use device='cpu'"):
         ShuffledLoader(ShuffledConfig(shards=sd, layer=2, batch_size=10, device='cuda'))
 
 

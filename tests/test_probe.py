@@ -8,11 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from saev_nb.probe import (BatchedAdamW, LinearProbes, SweepError, confusion, load_probe, load_sweep, predict_pixels,
-                           save_probe, seg_scores, stack_probes, train_probes)
+from saev_nb.data import MissingFileError, UserError
+from saev_nb.probe import (BatchedAdamW, LinearProbes, ProbeError, ProbeSweepError, ProbeTrainConfig, ProbeValidateConfig,
+                           ActsConfig, ImgsConfig, confusion, load_probe, load_probe_sweep, predict_pixels, save_probe,
+                           seg_scores, stack_probes, train_probe_sweep, train_probes, validate_saved_probes)
 
-
-from helpers import cli, run, tiny_shards
+from helpers import cli, cli_fails, run, tiny_shards
 
 
 @pytest.fixture(scope='module')
@@ -24,15 +25,15 @@ def tiny(tmp_path_factory):
 def test_sweep_grid_and_errors(tmp_path):
     f = tmp_path/'s.toml'
     f.write_text('learning_rate = [1e-4, 1e-3, 1e-2]\nweight_decay = [0.1, 0.001]\n')
-    grid = load_sweep(f)
+    grid = load_probe_sweep(f)
     assert len(grid) == 6 and grid[0] == {'learning_rate': 1e-4, 'weight_decay': 0.1}
     f.write_text('learning_rate = 3e-3\n')
-    assert load_sweep(f, weight_decay=0.5) == [{'learning_rate': 3e-3, 'weight_decay': 0.5}]
+    assert load_probe_sweep(f, weight_decay=0.5) == [{'learning_rate': 3e-3, 'weight_decay': 0.5}]
     for text, msg in [('lr = [1]\n', "unknown key 'lr'"), ('learning_rate = [\n', 'not valid TOML'), ('learning_rate = []\n', 'non-empty list'),
                       ('weight_decay = [-1.0]\n', 'non-negative'), ('learning_rate = "big"\n', 'non-negative')]:
         f.write_text(text)
-        with pytest.raises(SweepError, match=msg.replace('[', r'\[')): load_sweep(f)
-    with pytest.raises(FileNotFoundError, match='sweep file not found'): load_sweep(tmp_path/'missing.toml')
+        with pytest.raises(ProbeSweepError, match=msg.replace('[', r'\[')): load_probe_sweep(f)
+    with pytest.raises(MissingFileError, match='sweep file not found'): load_probe_sweep(tmp_path/'missing.toml')
 
 
 def test_batched_adamw_equals_torch_adamw():
@@ -94,54 +95,78 @@ def test_checkpoint_roundtrip_and_stack(tmp_path):
     x = torch.randn(10, 8, generator=g) * 10
     torch.testing.assert_close(stack_probes(ones)(x), probes(x), atol=1e-4, rtol=1e-4)
     (tmp_path/'bad.safetensors').write_bytes(b'not a checkpoint')
-    with pytest.raises(Exception): load_probe(tmp_path/'bad.safetensors')
-    with pytest.raises(FileNotFoundError, match='no probe checkpoint'): load_probe(tmp_path/'none.safetensors')
-    with pytest.raises(ValueError, match='no batches'): train_probes([], hp, 8, 4, progress=False)
+    with pytest.raises(ProbeError, match='not a safetensors file'): load_probe(tmp_path/'bad.safetensors')
+    save_file = __import__('safetensors.torch', fromlist=['save_file']).save_file
+    save_file({'w': torch.zeros(2)}, str(tmp_path/'other.safetensors'))
+    with pytest.raises(ProbeError, match='not a saev_nb probe checkpoint'): load_probe(tmp_path/'other.safetensors')
+    with pytest.raises(MissingFileError, match='no probe checkpoint'): load_probe(tmp_path/'none.safetensors')
+    with pytest.raises(ProbeError, match='no batches'): train_probes([], hp, 8, 4, progress=False)
 
 
 def test_cli_train_then_validate(tiny, tmp_path):
     sweep = tmp_path/'sweep.toml'
     sweep.write_text('learning_rate = [3e-3, 1e-2]\nweight_decay = [1e-3, 1e-1]\n')
     out = tmp_path/'semseg'
-    r = cli('semseg', 'train', '--train-acts.shard-root', tiny['train'], '--val-acts.shard-root', tiny['val'], '--imgs.root', tiny['root'],
-            '--sweep', sweep, '--n-epochs', 6, '--batch-size', 512, '--out', out)
-    res_fpath = Path(r.stdout.strip().splitlines()[-1])
+    args = ('semseg', 'train', '--train-acts.shard-root', tiny['train'], '--val-acts.shard-root', tiny['val'],
+            '--imgs.root', tiny['root'], '--sweep', sweep, '--n-epochs', 6, '--batch-size', 512, '--out', out)
+    r = cli(*args)
+    best_line, path_line = r.stdout.strip().splitlines()
+    res_fpath = Path(path_line)
     assert res_fpath == out/'logs'/'results.csv' and (out/'logs'/'hparam-sweeps.png').stat().st_size > 1000
     df = pd.read_csv(res_fpath)
     assert len(df) == 4 and {'probe', 'learning_rate', 'weight_decay', 'acc', 'mean_iou', 'n_classes_present', 'wall', 'building', 'flag'} <= set(df.columns)
     assert df.shape[1] == 6 + 150 and (df.n_classes_present == 4).all()
     assert df[['wall', 'building', 'sky', 'floor']].notna().all().all() and df['tree'].isna().all()  # only classes 1..4 occur
     assert ((df.acc > 0) & (df.acc <= 1)).all()
+    # the command names the best probe, its mIoU and its checkpoint
+    best = df.loc[df.mean_iou.idxmax()]
+    assert best_line.startswith(f"best probe {best['probe']}: mIoU {best['mean_iou']:.3f}, pixel accuracy {best['acc']:.3f}"), best_line
+    assert best_line.endswith(str(out/'checkpoints'/best['probe']/'probe.safetensors'))
     # the probe beats predicting the most frequent class of the validation pixels
-    from saev_nb.probe import pixel_labels, ImgsConfig
+    from saev_nb.probe import pixel_labels
     from saev_nb.shards import Metadata
     lab, _, _ = pixel_labels(Metadata.load(tiny['val']), ImgsConfig(tiny['root']))
     majority = float(torch.bincount(lab.flatten().long()).max()) / lab.numel()
     assert df.acc.max() > majority + 0.05, (df.acc.max(), majority)
     assert len(list((out/'checkpoints').glob('*/probe.safetensors'))) == 4
-    # validate re-scores the saved probes to the same numbers
-    out2 = tmp_path/'again'
-    from saev_nb.probe import validate_cli
-    df2 = pd.read_csv(run(validate_cli, '--imgs.root', tiny['root'], '--acts.shard-root', tiny['val'], '--ckpts', out/'checkpoints', '--out', out2))
+    # a second identical run says it skips and why, and prints the same result
+    before = res_fpath.stat().st_mtime_ns
+    r2 = cli(*args)
+    assert 'skipping' in r2.stderr and 'same settings' in r2.stderr and r2.stdout == r.stdout
+    assert res_fpath.stat().st_mtime_ns == before
+    # validate re-scores the saved probes to the same numbers, into its own folder: training's results.csv is kept
+    rv = cli('semseg', 'validate', '--imgs.root', tiny['root'], '--acts.shard-root', tiny['val'], '--out', out)
+    v_line, v_path = rv.stdout.strip().splitlines()
+    assert v_line.startswith('best probe ') and 'mIoU' in v_line
+    assert Path(v_path).parent.parent == out/'validate' and res_fpath.stat().st_mtime_ns == before
+    df2 = pd.read_csv(v_path)
     np.testing.assert_allclose(df2.sort_values('probe').acc.values, df.sort_values('probe').acc.values, atol=2e-3)
+    again = validate_saved_probes(ProbeValidateConfig(ActsConfig(tiny['val']), ImgsConfig(tiny['root']), out=out), progress=False)
+    assert 'skipping' in again.skipped and again.fpath == Path(v_path)
 
 
-def test_cli_bad_input(tiny, tmp_path):
-    from saev_nb.probe import train_cli, validate_cli
-    with pytest.raises(SystemExit, match=r'^saev_nb semseg train: .*layer 1 was not recorded \(recorded: \[2, 3\]\)'):
-        run(train_cli, '--train-acts.shard-root', tiny['train'], '--train-acts.layer', 1, '--val-acts.shard-root', tiny['val'], '--imgs.root', tiny['root'], '--out', tmp_path)
+def test_bad_input(tiny, tmp_path):
+    cfg = lambda **kw: ProbeTrainConfig(**{'train_acts': ActsConfig(tiny['train']), 'val_acts': ActsConfig(tiny['val']),
+                                           'imgs': ImgsConfig(tiny['root']), 'out': tmp_path, **kw})
+    with pytest.raises(ProbeError, match=r'layer 1 was not recorded \(recorded: \[2, 3\]\)'):
+        train_probe_sweep(cfg(train_acts=ActsConfig(tiny['train'], 1)))
     from saev_nb.shards import make_random_shards
     nolab = make_random_shards(tmp_path/'nolab', labels=False)
-    with pytest.raises(SystemExit, match='^saev_nb semseg train: .*labels.bin: missing'):
-        run(train_cli, '--train-acts.shard-root', nolab, '--val-acts.shard-root', tiny['val'], '--imgs.root', tiny['root'], '--out', tmp_path)
-    with pytest.raises(SystemExit, match=r'^saev_nb semseg validate: .*no \*/probe.safetensors inside'):
-        run(validate_cli, '--imgs.root', tiny['root'], '--acts.shard-root', tiny['val'], '--ckpts', tmp_path)
-    from saev_nb.probe import pixel_labels, ImgsConfig
+    with pytest.raises(MissingFileError, match='labels.bin: missing'): train_probe_sweep(cfg(train_acts=ActsConfig(nolab)))
+    with pytest.raises(ProbeError, match='family is .random. but the training shards have .clip.'): train_probe_sweep(cfg(val_acts=ActsConfig(nolab)))
+    with pytest.raises(MissingFileError, match=r'no \*/probe.safetensors inside'):
+        validate_saved_probes(ProbeValidateConfig(ActsConfig(tiny['val']), ImgsConfig(tiny['root']), ckpts=tmp_path))
+    from saev_nb.probe import pixel_labels
     from saev_nb.shards import Metadata
-    with pytest.raises(ValueError, match='48 images but the shards hold 16 examples'): pixel_labels(Metadata.load(tiny['val']), ImgsConfig(tiny['root'], 'training'))
+    with pytest.raises(ProbeError, match='48 images but the shards hold 16 examples'):
+        pixel_labels(Metadata.load(tiny['val']), ImgsConfig(tiny['root'], 'training'))
 
 
-def test_cli_bad_input_is_one_line_from_a_shell(tiny, tmp_path):
-    r = cli('semseg', 'validate', '--imgs.root', tiny['root'], '--acts.shard-root', tiny['val'], '--ckpts', tmp_path, check=False)
-    assert r.returncode != 0 and 'Traceback' not in r.stderr, r.stderr
-    assert r.stderr.strip().splitlines()[-1].startswith('saev_nb semseg validate: '), r.stderr
+def test_bad_input_is_one_line_from_the_console_script(tiny, tmp_path):
+    cli_fails('semseg', 'validate', '--imgs.root', tiny['root'], '--acts.shard-root', tiny['val'], '--ckpts', tmp_path,
+              contains=r'no */probe.safetensors inside')
+    cli_fails('semseg', 'train', '--train-acts.shard-root', tiny['train'], '--train-acts.layer', 1, '--val-acts.shard-root',
+              tiny['val'], '--imgs.root', tiny['root'], '--out', tmp_path, contains='layer 1 was not recorded')
+    (tmp_path/'bad.toml').write_text('lr = [1]\n')
+    cli_fails('semseg', 'train', '--train-acts.shard-root', tiny['train'], '--val-acts.shard-root', tiny['val'],
+              '--imgs.root', tiny['root'], '--sweep', tmp_path/'bad.toml', '--out', tmp_path, contains="unknown key 'lr'")

@@ -1,6 +1,6 @@
 """saev_nb.shards: stored activations against an independent forward, resumability (crash hook and SIGKILL), n_jobs=2
 through submitit's local executor, dtypes, validation, and one clear line for every bad input."""
-import dataclasses, json, os, resource, signal, subprocess, sys, time
+import base64, dataclasses, fcntl, json, os, pickle, re, resource, shutil, signal, subprocess, sys, threading, time, types
 from pathlib import Path
 
 import numpy as np
@@ -9,9 +9,17 @@ import torch
 
 from saev_nb.data import SegFolderConfig, ImgFolderConfig, make_dataset, tiny_dataset
 from saev_nb.models import load_vit, pixel_to_patch_labels
-from saev_nb.shards import (Metadata, ShardError, ShardsConfig, as_torch, load_shard_info, make_random_shards, open_labels,
-                            open_shard, validate_shards, write_shards, vit_for_shards)
+from saev_nb.data import UserError
+from saev_nb.shards import (HASH_FNAME, WRITER_LOCK, Metadata, ShardError, ShardsConfig, as_torch, decode_data, encode_data,
+                            load_shard_info, make_random_shards, open_labels, open_shard, shard_name, validate_shards,
+                            write_shards, vit_for_shards, writer_lock)
 import saev_nb.shards as shards_mod
+from helpers import SAEV_NB, cli, cli_fails as _cli_fails
+
+
+def cli_fails(*args, contains=''):
+    "`helpers.cli_fails` without progress bars (they are allowed on stderr; the error itself is one line)."
+    return _cli_fails(*args, contains=contains, env={'TQDM_DISABLE': '1'})
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,14 +87,56 @@ def test_exact_fill_writes_no_extra_shard(seg_root, tmp_path):
     assert [s['n_examples'] for s in load_shard_info(d)] == [32, 32]
 
 
-def test_metadata_is_plain_json_with_full_hash(seg_root, tmp_path):
+def _fake_saev():
+    "A stand-in for saev's `saev.data.datasets` (its module path, class names, fields and defaults), as sys.modules entries."
+    mod = types.ModuleType('saev.data.datasets')
+    @dataclasses.dataclass(frozen=True)
+    class ImgSegFolder:
+        root: Path = Path('./data/segdataset')
+        split: str = 'training'
+        labels_csv: str = 'labels.csv'
+        bg_label: int = 0
+    @dataclasses.dataclass(frozen=True)
+    class ImgFolder:
+        root: Path = Path('./data/split')
+    for c in (ImgSegFolder, ImgFolder): c.__module__, c.__qualname__ = mod.__name__, c.__name__; setattr(mod, c.__name__, c)
+    return {'saev': types.ModuleType('saev'), 'saev.data': types.ModuleType('saev.data'), 'saev.data.datasets': mod}
+
+
+def _saev_make_data_cfg(data: str, monkeypatch):
+    "saev's `Metadata.make_data_cfg`, verbatim: `pickle.loads(base64.b64decode(self.data.encode('utf8')))`, with saev importable."
+    for k, v in _fake_saev().items(): monkeypatch.setitem(sys.modules, k, v)
+    return pickle.loads(base64.b64decode(data.encode('utf8'))), sys.modules['saev.data.datasets']
+
+
+def test_metadata_is_saev_json_with_full_hash(seg_root, tmp_path, monkeypatch):
     d = write_shards(_cfg(seg_root, tmp_path), progress=False)
     raw = json.loads((d / 'metadata.json').read_text())
     assert set(raw) == {'family', 'ckpt', 'layers', 'content_tokens_per_example', 'cls_token', 'd_model', 'n_examples',
                         'max_tokens_per_shard', 'data', 'dataset', 'pixel_agg', 'dtype', 'protocol'}
-    assert raw['protocol'] == '2.1' and raw['data']['kind'] == 'img-seg-folder' and raw['dataset'] == str(Path(seg_root).resolve())
+    assert raw['protocol'] == '2.1' and isinstance(raw['data'], str) and raw['dataset'] == str(Path(seg_root).resolve())
     import hashlib
     assert d.name == hashlib.sha256(json.dumps(raw, sort_keys=True, separators=(',', ':')).encode()).hexdigest()
+    assert (d / HASH_FNAME).read_text().strip() == d.name
+    with pytest.raises(ModuleNotFoundError, match="No module named 'saev'"): pickle.loads(base64.b64decode(raw['data']))
+    cfg, mod = _saev_make_data_cfg(raw['data'], monkeypatch)
+    assert type(cfg) is mod.ImgSegFolder and cfg == mod.ImgSegFolder(root=Path(seg_root).resolve(), split='training')
+    assert Metadata.load(d).data_fields == {'kind': 'img-seg-folder', 'root': str(Path(seg_root).resolve()), 'split': 'training',
+                                            'labels_csv': 'labels.csv', 'bg_label': 0}
+
+
+def test_data_field_both_forms_and_saev_pickles(tmp_path, monkeypatch):
+    "Our base64 pickle decodes to saev's classes; saev's own pickle.dumps (protocol 4 and 2) and the old JSON dict read here."
+    enc = encode_data({'kind': 'img-folder', 'root': tmp_path / 'imgs'})
+    cfg, mod = _saev_make_data_cfg(enc, monkeypatch)
+    assert cfg == mod.ImgFolder(root=(tmp_path / 'imgs').resolve())
+    for proto in (2, 4, 5):  # what saev's `base64.b64encode(pickle.dumps(data))` writes
+        saev_data = base64.b64encode(pickle.dumps(mod.ImgSegFolder(root=Path('/d/ade'), split='validation'), protocol=proto)).decode()
+        assert decode_data(saev_data) == {'kind': 'img-seg-folder', 'root': '/d/ade', 'split': 'validation', 'labels_csv': 'labels.csv', 'bg_label': 0}
+    md = Metadata.load(make_random_shards(tmp_path, n_examples=4, max_tokens_per_shard=2 * 17 * 2))
+    assert md.data_fields == {'kind': 'random', 'seed': 0, 'n_classes': 8}  # generated shards keep the JSON dict form
+    with pytest.raises(ShardError, match='not a saev data config'): decode_data(base64.b64encode(pickle.dumps(print)).decode())
+    with pytest.raises(ShardError, match="not saev's base64"): decode_data('%%%')
 
 
 @pytest.mark.parametrize('dtype', ['float16', 'bfloat16'])
@@ -120,26 +170,26 @@ def test_crash_midway_then_resume_is_byte_identical(seg_root, tmp_path):
 
 
 def _cli(*args, **kw):
-    "The real command line in a child process (for kill/rlimit tests and the no-traceback check)."
-    return subprocess.run([sys.executable, '-m', 'saev_nb.cli', *map(str, args)], capture_output=True, text=True, cwd=ROOT, **kw)
+    "The installed console script in a child process, with extra `subprocess.run` options (rlimits)."
+    return subprocess.run([str(SAEV_NB), *map(str, args)], capture_output=True, text=True, cwd=ROOT, **kw)
 
 
 def _main(*args):
-    "The same command line in-process (`saev_nb.cli.main`): returns (exit message or None, stdout lines)."
+    "The same command line in-process (`saev_nb.cli.main`): returns (the one error line or None, stdout lines)."
     import contextlib, io
     from saev_nb.cli import main
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
-        try: main(list(map(str, args)))
-        except SystemExit as e: return str(e.code), out.getvalue().splitlines()
-    return None, out.getvalue().splitlines()
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err): rc = main(list(map(str, args)))
+    if rc == 0: return None, out.getvalue().splitlines()
+    assert rc == 2, rc
+    return err.getvalue().strip().splitlines()[-1], out.getvalue().splitlines()
 
 
 def test_sigkill_then_rerun_same_command(seg_root, tmp_path):
     args = ['shards', '--shards-root', tmp_path / 'k', '--family', 'dinov2', '--ckpt', 'vit_small_patch14_reg4_dinov2.lvd142m/random',
             '--img-size', 112, '--layers', -1, '--batch-size', 4, '--n-workers', 0, '--max-tokens-per-shard', 65 * 8,
             'data:img-seg-folder', '--data.root', seg_root]
-    p = subprocess.Popen([sys.executable, '-m', 'saev_nb.cli', *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = subprocess.Popen([str(SAEV_NB), *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     killed_at, t0 = None, time.time()
     while p.poll() is None and time.time() - t0 < 120:
         js = list((tmp_path / 'k').glob('*/shards.json'))
@@ -178,20 +228,26 @@ def test_validate_finds_problems(tmp_path):
         if b.exists(): shutil.rmtree(b)
         shutil.copytree(d, b); fn(b); return b
     cases = [(lambda b: (b / 'acts000001.bin').unlink(), 'acts000001.bin: missing'),
-             (lambda b: os.truncate(b / 'acts000002.bin', 100), 'acts000002.bin: 100 bytes, expected'),
+             (lambda b: os.truncate(b / 'acts000002.bin', 100), 'acts000002.bin: truncated (100 bytes, expected'),
              (lambda b: (b / 'acts000003.bin').write_bytes(b'x'), 'acts000003.bin: extra shard file'),
              (lambda b: (b / 'shards.json').write_text(json.dumps(json.loads((b / 'shards.json').read_text())[:2])), 'incomplete, 1 of 3'),
              (lambda b: (b / 'shards.json').write_text(json.dumps([{**s, 'n_examples': 7} for s in json.loads((b / 'shards.json').read_text())])), 'says 7 examples, expected 8'),
-             (lambda b: (b / 'labels.bin').write_bytes(b'\xff' * (20 * 16)), 'label 255 out of range'),
+             (lambda b: (b / 'labels.bin').write_bytes(b'\xff' * (20 * 16)), "label 255 above the class table's 7"),
+             (lambda b: (b / 'labels.bin').write_bytes(b'\x08' * (20 * 16)), "label 8 above the class table's 7"),
+             (lambda b: (b / 'metadata.json').write_bytes(b'{\xff}'), 'metadata.json: not UTF-8 text'),
+             (lambda b: (b / 'metadata.json').write_text((b / 'metadata.json').read_text().replace('"d_model": 32', '"d_model": 16')),
+              'metadata.json: edited after recording'),
+             (lambda b: (b / 'shards.json').write_text('[{"name": '), 'shards.json: not a readable JSON list'),
              (lambda b: os.truncate(b / 'labels.bin', 10), 'labels.bin: 10 bytes'),
              (lambda b: (b / 'metadata.json').unlink(), 'metadata.json: missing')]
     for fn, msg in cases:
-        with pytest.raises(ShardError, match=msg) as e: validate_shards(broken(fn))
+        with pytest.raises(ShardError, match=re.escape(msg)) as e: validate_shards(broken(fn))
         assert '\n' not in str(e.value)
-    err, _ = _main('shards', 'validate', broken(cases[0][0]))
-    assert err.startswith('saev_nb shards validate: ') and 'acts000001.bin: missing' in err and '\n' not in err
-    err, out = _main('shards', 'validate', d)
-    assert err is None and out[-1] == str(d) and out[0].startswith('ok: 20 examples')
+    cli_fails('shards', 'validate', broken(cases[0][0]), contains='acts000001.bin: missing')
+    for fn, msg in cases[6:9]:  # a label above the class table, bad bytes and an edit in metadata.json
+        cli_fails('shards', 'validate', broken(fn), contains=msg)
+    out = cli('shards', 'validate', d).stdout.splitlines()
+    assert out[-1] == str(d) and out[0].startswith('ok: 20 examples') and 'finite: all 20 of 20 examples (680 of 680 token vectors)' in out[0]
 
 
 @pytest.mark.parametrize('dtype,cls_token', [('float32', True), ('float16', False), ('bfloat16', True)])
@@ -212,9 +268,16 @@ def _bad(seg_root, tmp_path, *flags):
 
 
 def test_bad_input_in_a_real_process_is_one_line(seg_root, tmp_path):
-    r = _cli('shards', '--shards-root', tmp_path / 'shards', '--layers', 9, 'data:img-seg-folder', '--data.root', seg_root)
-    assert r.returncode == 1 and 'Traceback' not in r.stderr
-    assert r.stderr.strip().splitlines() == ['saev_nb shards: saev-tiny/random: layer 9 out of range for 4 blocks (valid: -4..3)']
+    line = cli_fails('shards', '--shards-root', tmp_path / 'shards', '--layers', 9, 'data:img-seg-folder', '--data.root', seg_root)
+    assert line == 'saev_nb shards: saev-tiny/random: layer 9 out of range for 4 blocks (valid: -4..3)'
+
+
+def test_all_model_mismatches_in_one_message(seg_root, tmp_path):
+    line = cli_fails('shards', '--shards-root', tmp_path / 'shards', '--d-model', 768, '--content-tokens-per-example', 196,
+                     '--layers', 6, 7, 'data:img-seg-folder', '--data.root', seg_root)
+    assert line.startswith('saev_nb shards: saev-tiny/random: 3 flags disagree with the model: d_model=768 given')
+    assert 'content_tokens_per_example=196 given' in line and 'layer 6 out of range for 4 blocks' in line
+    assert not (tmp_path / 'shards').exists()
 
 
 @pytest.mark.parametrize('flags,msg', [
@@ -251,7 +314,7 @@ def test_disk_full_file_size_limit(seg_root, tmp_path):
             '--layers', -1, 1, 'data:img-seg-folder', '--data.root', seg_root]
     lim = 65 * 2 * 24 * 128 * 4 - 1  # one byte less than one shard file
     r = _cli(*args, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (lim, lim)))
-    assert r.returncode != 0 and 'Traceback' not in r.stderr, r.stderr
+    assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr
     assert 'disk full or file size limit hit' in r.stderr.strip().splitlines()[-1]
     d = next((tmp_path / 'shards').iterdir())
     with pytest.raises(ShardError): validate_shards(d)
@@ -288,3 +351,134 @@ def test_slurm_requested_without_slurm(seg_root, tmp_path, monkeypatch):
 def test_bad_shard_budget_and_batch(seg_root, tmp_path):
     assert 'smaller than one example' in _bad(seg_root, tmp_path, '--max-tokens-per-shard', 50)
     assert 'batch_size=0' in _bad(seg_root, tmp_path, '--batch-size', 0)
+
+
+# --- non-finite values, saev's layout, one writer per directory, files and workers ---------------------------------
+
+def _scaled_tiny(tmp_path, scale=None, nan=False):
+    "A weights file for saev-tiny whose last block adds `scale` to dim 0 of the residual (beyond float16), or NaN."
+    vit = load_vit('clip', 'saev-tiny/random')
+    sd = {k: v.clone() for k, v in vit.model.state_dict().items()}
+    sd['transformer.resblocks.3.mlp.c_proj.bias'][0] = float('nan') if nan else scale
+    fpath = tmp_path / ('nan.pt' if nan else 'big.pt'); torch.save(sd, fpath)
+    return f'saev-tiny/{fpath}'
+
+
+def test_writer_refuses_float16_overflow_and_nan(seg_root, tmp_path):
+    base = ['shards', '--shards-root', tmp_path / 's', '--n-workers', 0, '--batch-size', 16, '--layers', -1]
+    big = _scaled_tiny(tmp_path, scale=1e5)
+    line = cli_fails(*base, '--dtype', 'float16', '--ckpt', big, 'data:img-seg-folder', '--data.root', seg_root,
+                     contains='overflows float16 (largest 65504); record with --dtype float32 or bfloat16')
+    assert 'at example 0, layer 3,' in line
+    d = next((tmp_path / 's').iterdir())
+    assert load_shard_info(d) == [] if (d / 'shards.json').exists() else True  # nothing listed as complete
+    cli(*base, '--dtype', 'bfloat16', '--ckpt', big, 'data:img-seg-folder', '--data.root', seg_root)  # bf16 has the range
+    cli_fails(*base, '--ckpt', _scaled_tiny(tmp_path, nan=True), 'data:img-seg-folder', '--data.root', seg_root,
+              contains='the model produced nan at example 0')
+
+
+def test_validate_scans_for_non_finite_values(tmp_path):
+    d = make_random_shards(tmp_path, n_examples=300, layers=(0,), d_model=8, content_tokens=4, max_tokens_per_shard=100 * 5)
+    md = Metadata.load(d)
+    off = (1 * 5 + 2) * 8 * 4 + 3 * 4  # example 1 of shard 2 (global 201), token 2 (patch 1), dim 3: not in the 64-example sample
+    with open(d / shard_name(2), 'r+b') as f: f.seek(off); f.write(np.array([np.nan], '<f4').tobytes())
+    out = cli('shards', 'validate', d).stdout.splitlines()
+    assert 'finite: a sample of 64 of 300 examples (320 of 1,500 token vectors); --full checks all' in out[0]
+    cli_fails('shards', 'validate', '--full', d, contains=f'{d / shard_name(2)}: nan at example 201, layer 0, patch 1, dim 3')
+    cli_fails('shards', 'validate', '--n-sample', 300, d, contains='nan at example 201')
+    with pytest.raises(ShardError, match='nan at example 201'): validate_shards(d, scan='full')
+    assert validate_shards(d, scan='none') == md
+    for dtype, bad in [('float16', np.array([np.inf], '<f2')), ('bfloat16', np.array([0x7F80], '<u2'))]:  # bf16 +inf bits
+        h = make_random_shards(tmp_path, n_examples=10, layers=(0,), d_model=8, content_tokens=4, dtype=dtype)
+        with open(h / shard_name(0), 'r+b') as f: f.seek(2 * 5 * 8 * 2); f.write(bad.tobytes())
+        with pytest.raises(ShardError, match='inf at example 2, layer 0, CLS, dim 0'): validate_shards(h)
+
+
+def _as_saev(d, dst):
+    "A saev-style copy of shard directory `d`: named by 8 hex of the hash, no recorded hash, plus saev's empty extra shard."
+    md = Metadata.load(d)
+    s = Path(shutil.copytree(d, dst / md.hash[:8]))
+    (s / HASH_FNAME).unlink(); (s / WRITER_LOCK).unlink(missing_ok=True)
+    if md.n_examples % md.examples_per_shard == 0:
+        shutil.copy(s / shard_name(0), s / shard_name(md.n_shards))
+        (s / 'shards.json').write_text(json.dumps(load_shard_info(s) + [{'name': shard_name(md.n_shards), 'n_examples': 0}]))
+    return s
+
+
+def test_saev_naming_renames_symlinks_and_edits(seg_root, tmp_path):
+    d = write_shards(_cfg(seg_root, tmp_path, max_tokens_per_shard=65 * 2 * 32), progress=False)  # an exact fill: 2 x 32
+    s = _as_saev(d, tmp_path / 'saev' / 'shards')
+    assert cli('shards', 'validate', s).stdout.splitlines()[0].startswith('ok: 64 examples')
+    (tmp_path / 'link').symlink_to(s)
+    renamed = Path(shutil.copytree(d, tmp_path / 'renamed'))
+    for x in (tmp_path / 'link', renamed): assert validate_shards(x) == Metadata.load(d)
+    no_record = Path(shutil.copytree(s, tmp_path / 'renamed-saev'))
+    line = cli_fails('shards', 'validate', no_record, contains=f'name it (or a symlink to it) {Metadata.load(d).hash[:8]}')
+    assert 'rewrite' not in line
+    md_txt = (renamed / 'metadata.json').read_text()
+    (renamed / 'metadata.json').write_text(md_txt.replace('"layers": [\n    1,', '"layers": [\n    2,'))
+    cli_fails('shards', 'validate', renamed, contains='metadata.json: edited after recording')
+
+
+def test_second_writer_refused_naming_the_holder_or_waits(seg_root, tmp_path):
+    args = ['shards', '--shards-root', tmp_path / 's', '--n-workers', 0, '--layers', -1, 1, '--batch-size', 16,
+            '--max-tokens-per-shard', 65 * 2 * 24, 'data:img-seg-folder', '--data.root', seg_root]
+    d = tmp_path / 's' / Metadata.load(write_shards(_cfg(seg_root, tmp_path, shards_root=tmp_path / 'ref'), progress=False)).hash
+    import socket
+    with writer_lock(d):  # another writer (this test process) records into d
+        line = cli_fails(*args, contains=f'{d}: another writer is recording into it (pid {os.getpid()} on {socket.gethostname()}')
+        assert '--wait' in line
+    lock = writer_lock(d); lock.__enter__()
+    p = subprocess.Popen([str(SAEV_NB), *map(str, args), '--wait'], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, 'TQDM_DISABLE': '1'})
+    seen = []
+    while (line := p.stderr.readline()) and 'waiting for the other writer' not in line: seen.append(line)
+    assert 'waiting for the other writer' in line and p.poll() is None, seen  # it waits while the lock is held
+    lock.__exit__(None, None, None)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0 and out.strip() == str(d), err
+    assert (d / WRITER_LOCK).read_text() == ''  # released and cleared
+
+
+def test_killing_the_parent_stops_local_jobs(seg_root, tmp_path):
+    args = ['shards', '--shards-root', tmp_path / 'k', '--family', 'dinov2', '--ckpt', 'vit_small_patch14_reg4_dinov2.lvd142m/random',
+            '--img-size', 112, '--layers', -1, '--batch-size', 2, '--n-workers', 0, '--max-tokens-per-shard', 65 * 4,
+            '--n-jobs', 2, '--log-to', tmp_path / 'logs', 'data:img-seg-folder', '--data.root', seg_root]
+    p = subprocess.Popen([str(SAEV_NB), *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    def jobs_running():
+        fs = list((tmp_path / 'k').glob('*/.jobs.lock'))
+        if not fs: return False
+        with open(fs[0]) as f:
+            try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB); return False
+            except BlockingIOError: return True
+    t0 = time.time()
+    while not jobs_running() and p.poll() is None and time.time() - t0 < 120: time.sleep(0.05)
+    assert p.poll() is None, 'the run finished before its jobs could be seen'
+    p.kill(); p.wait()
+    t0 = time.time()
+    while jobs_running() and time.time() - t0 < 10: time.sleep(0.1)
+    assert not jobs_running(), 'local jobs kept writing after their parent was killed'
+    d = next((tmp_path / 'k').iterdir())
+    r = cli(*args)  # the rerun completes the directory
+    assert r.stdout.strip() == str(d) and validate_shards(d).n_examples == 64
+
+
+def test_umask_and_leftover_tmp_files(seg_root, tmp_path):
+    args = ['shards', '--shards-root', tmp_path / 's', '--n-workers', 0, '--layers', -1, '--batch-size', 32,
+            'data:img-seg-folder', '--data.root', seg_root]
+    r = _cli(*args, preexec_fn=lambda: os.umask(0o002))
+    assert r.returncode == 0, r.stderr
+    d = Path(r.stdout.strip())
+    for name in ('metadata.json', 'shards.json', 'labels.bin', shard_name(0)):
+        assert (d / name).stat().st_mode & 0o777 == 0o664, name
+    (d / '.tmp.999.shards.json').write_text('half')
+    cli(*args)
+    assert not list(d.glob('.tmp.*'))
+
+
+def test_data_error_in_a_worker_is_one_line(seg_root, tmp_path):
+    root = Path(shutil.copytree(seg_root, tmp_path / 'data'))
+    ann = sorted((root / 'annotations' / 'training').iterdir())[5]
+    ann.write_bytes(b'not a png')
+    cli_fails('shards', '--shards-root', tmp_path / 's', '--n-workers', 2, '--batch-size', 8, 'data:img-seg-folder',
+              '--data.root', root, contains=f'{ann}: unreadable or corrupt annotation')

@@ -10,11 +10,15 @@ import torch.nn.functional as F
 
 from saev_nb.probe import LinearProbes
 from saev_nb.sae import SAE, SAEConfig, Relu, TopK, save_sae
-from saev_nb.suppress import (CONDITIONS, F1Counts, bootstrap_ratio, change_counts, condition_delta, latent_delta, make_conditions,
-                              matched_latents, patch_purity, probe_predictor, run_suppression, summarize, suppress, tail_predictor, top_latents)
+from saev_nb.data import MissingFileError
+from saev_nb.probe import ActsConfig, ImgsConfig
+from saev_nb.suppress import (CONDITIONS, F1Counts, FeaturesConfig, SuppressConfig, SuppressError, bootstrap_ratio,
+                              change_counts, class_verdicts, condition_delta, f1_counts, find_class_latents, latent_delta,
+                              make_conditions, make_planted_semseg, matched_latents, patch_purity, probe_predictor,
+                              run_suppression, summarize, suppress, suppress_experiment, suppression_tables, tail_predictor,
+                              top_latents, verdict_sentence)
 
-
-from helpers import cli, run, tiny_shards
+from helpers import SAEV_NB, cli, cli_fails, run, tiny_shards
 
 
 def f1_brute(f, y, keep, thresholds, n_classes):
@@ -94,46 +98,70 @@ def test_suppression_removes_exactly_the_chosen_contributions(act):
     with pytest.raises(ValueError, match="expected 'zero' or 'negative'"): latent_delta(f, sae.W_dec, lat, mode='clamp')
 
 
-def planted_world(n_img=160, n_tok=16, d=40, seed=0):
-    "Identity SAE; class c (1..4) written on latent c+9 with strength 3; a probe reading those coordinates."
-    g = torch.Generator().manual_seed(seed)
-    sae = SAE(SAEConfig(d_model=d, d_sae=d, activation=Relu()))
-    with torch.no_grad(): sae.W_enc.copy_(torch.eye(d)); sae.W_dec.copy_(torch.eye(d)); sae.b_enc.zero_(); sae.b_dec.zero_()
-    y = torch.randint(0, 5, (n_img, n_tok), generator=g)
-    x = 0.3 * torch.randn(n_img, n_tok, d, generator=g)
-    x[..., 10:14] += 3 * F.one_hot(y, 5)[..., 1:].float()
-    probe = LinearProbes(1, d, 5)
-    with torch.no_grad():
-        probe.W_pdc.zero_(); probe.b_pc.zero_(); probe.b_pc[0, 0] = 1.5
-        for c in range(1, 5): probe.W_pdc[0, c + 9, c] = 1.0
-    batches = [{'x': x[i:i + 40], 'labels': y[i:i + 40], 'ids': torch.arange(i, min(i + 40, n_img))} for i in range(0, n_img, 40)]
-    return sae, probe, batches, x, y
-
-
 @pytest.mark.parametrize('mode', ['zero', 'negative'])
 def test_planted_class_flips_and_controls_do_not(mode):
-    sae, probe, batches, x, y = planted_world()
-    d = x.shape[-1]
-    cnt = F1Counts(d, 5)
-    with torch.no_grad():
-        for b in batches: cnt.update(sae.encode(b['x'].reshape(-1, d))[1], b['labels'].reshape(-1))
-    sc = cnt.scores(max_freq=0.9)
-    feats = top_latents(sc, ['other', 'a', 'b', 'c', 'd'], k=1)
-    assert feats.latent.tolist() == [10, 11, 12, 13] and (feats.f1 > 0.95).all()
-    conds = make_conditions(feats, sc['freq'], d, seed=0)
-    counts = run_suppression(batches, sae, conds, probe_predictor(probe), x.shape[0], progress=False, mode=mode, max_s=sc['max'])
-    per_class, summary = summarize(counts, conds, ['other', 'a', 'b', 'c', 'd'], n_boot=300)
-    s = summary.set_index('condition')
+    w = make_planted_semseg(n_img=160, d=40, first_latent=10, batch_size=40)
+    d = w.sae.d_model
+    sc = f1_counts(w.batches, w.sae, len(w.class_names), progress=False).scores(max_freq=0.9)
+    # the streaming counts equal counting the whole data at once
+    whole = F1Counts(d, 5).update(w.sae.encode(torch.cat([b['x'] for b in w.batches]).reshape(-1, d))[1], w.labels_et.reshape(-1))
+    torch.testing.assert_close(whole.scores(max_freq=0.9)['f1'], sc['f1'])
+    feats = top_latents(sc, w.class_names, k=1)
+    assert feats.latent.tolist() == [10, 11, 12, 13] == list(w.planted.values()) and (feats.f1 > 0.95).all()
+    res = suppression_tables(w.batches, w.sae, feats, sc['freq'], w.predictor(), w.n_examples, w.class_names,
+                             max_s=sc['max'], mode=mode, n_boot=300, progress=False)
+    per_class, s = res.per_class, res.summary.set_index('condition')
     assert s.loc['none', 'target_change'] == 0 and s.loc['none', 'other_change'] == 0
     assert s.loc['class', 'target_change'] > 0.95 and s.loc['class', 'target_lo'] > 0.9
     for ctl in ('random-dir', 'random-latents'):
         assert s.loc[ctl, 'target_hi'] < s.loc['class', 'target_lo'], ctl
-        if mode == 'zero': assert s.loc[ctl, 'target_change'] < 0.15, (ctl, s.loc[ctl, 'target_change'])  # 'negative' edits are ~4x larger
+        if mode == 'zero': assert s.loc[ctl, 'target_change'] < 0.05, (ctl, s.loc[ctl, 'target_change'])  # 'negative' edits are ~4x larger
     cls = per_class[per_class.condition == 'class']
     assert (cls.iou_after < 0.05).all() and (cls.iou_before > 0.9).all()
     if mode == 'zero': assert s.loc['class', 'other_change'] < 0.02  # removing latent c touches only class-c patches
     # controls are matched in size
     assert s.loc['random-dir', 'mean_norm_change'] == pytest.approx(s.loc['class', 'mean_norm_change'], rel=1e-4)
+    assert (res.verdicts.best_f1 > 0.95).all()
+    if mode == 'zero':  # 'negative' edits are large enough that a random direction flips some classes too
+        assert (res.verdicts.verdict == 'specific').all()
+        assert verdict_sentence(res.verdicts).startswith('Of 4 classes, 4 are specific')
+    assert 'Of 4 classes' in res.text() and res.text().splitlines()[0].startswith('condition')
+
+
+def test_planted_later_layer_goes_through_the_stage():
+    w = make_planted_semseg(later_layer=True, seed=3)
+    assert w.stage is not None and all({'resid', 'x_probe'} <= set(b) for b in w.batches)
+    sc = f1_counts(w.batches, w.sae, len(w.class_names), progress=False).scores(max_freq=0.9)
+    feats = top_latents(sc, w.class_names, k=1)
+    res = suppression_tables(w.batches, w.sae, feats, sc['freq'], w.predictor(), w.n_examples, w.class_names, n_boot=200,
+                             progress=False)
+    s = res.summary.set_index('condition')
+    assert s.loc['class', 'target_change'] > 0.95 and s.loc[['random-dir', 'random-latents'], 'target_change'].max() < 0.05
+    # the probe reads only the stage's copies: without the stage it never predicts a class (no target rate at all)
+    direct = suppression_tables(w.batches, w.sae, feats, sc['freq'], probe_predictor(w.probe), w.n_examples, w.class_names,
+                                n_boot=50, progress=False)
+    assert np.isnan(direct.summary.set_index('condition').loc['class', 'target_change'])
+    assert set(direct.verdicts.verdict) == {'never predicted'}
+    # a stage that is not the one that made x_probe is refused
+    bad = dict(w.batches[0]); bad['x_probe'] = bad['x_probe'] + 1
+    with pytest.raises(SuppressError, match='does not reproduce the recorded probe layer'): w.predictor()(bad['x'], bad)
+
+
+def test_verdicts():
+    rows = []
+    for c, name, (t_cls, t_dir, t_lat), n in ((1, 'wall', (0.9, 0.02, 0.03), 40), (2, 'sky', (0.3, 0.28, 0.01), 40),
+                                               (3, 'tree', (0.5, 0.0, 0.0), 40), (4, 'bed', (np.nan,) * 3, 0)):
+        for cond, t in zip(('class', 'random-dir', 'random-latents'), (t_cls, t_dir, t_lat)):
+            rows.append({'condition': cond, 'class': c, 'name': name, 'latents': '7', 'n_target': n, 'other_change': 0.0,
+                         'target_change': t, 'target_lo': t - 0.05, 'target_hi': t + 0.05})
+    feats = pd.DataFrame({'class': [1, 1, 2, 3, 4], 'latent': [1, 5, 2, 3, 4], 'f1': [0.9, 0.7, 0.8, 0.3, 0.9]})
+    v = class_verdicts(pd.DataFrame(rows), feats, min_f1=0.5).set_index('name')
+    assert v.verdict.to_dict() == {'wall': 'specific', 'sky': 'not separable from the controls', 'tree': 'selection failed',
+                                   'bed': 'never predicted'}
+    assert v.loc['wall', 'latent_f1'] == '0.90 0.70' and v.loc['wall', 'best_f1'] == 0.9
+    assert v.loc['sky', 'random_dir_change'] == 0.28 and v.loc['sky', 'random_latents_hi'] == pytest.approx(0.06)
+    assert verdict_sentence(v.reset_index()) == ('Of 4 classes, 1 is specific (wall), 1 is not separable from the controls '
+                                                 '(sky), 1 failed selection (tree) and 1 is never predicted (bed).')
 
 
 def test_conditions_and_counts():
@@ -141,7 +169,7 @@ def test_conditions_and_counts():
     rng = np.random.default_rng(0)
     m = matched_latents([1, 3], freq, exclude={1, 3}, rng=rng, n_pool=2)
     assert m[0] in (2, 6) and m[1] in (4, 7)
-    with pytest.raises(ValueError, match='no latent left'): matched_latents([1, 2, 3], freq, exclude=set(range(8)) - {5}, rng=rng)
+    with pytest.raises(SuppressError, match='no latent left'): matched_latents([1, 2, 3], freq, exclude=set(range(8)) - {5}, rng=rng)
     feats = pd.DataFrame({'class': [3, 3], 'rank': [0, 1], 'latent': [1, 3]})
     conds = make_conditions(feats, freq, 6)
     assert list(conds[3]) == list(CONDITIONS) and torch.isclose(conds[3]['random-dir']['direction'].norm(), torch.tensor(1.0))
@@ -166,6 +194,7 @@ def test_bootstrap_interval_covers_truth():
 def pipeline(tmp_path_factory):
     "Tiny generated data, shards at blocks 2 and 3, a data-initialised SAE on block 2, probes on blocks 2 and 3."
     from saev_nb.loaders import IndexedDataset
+    from saev_nb.probe import probe_train_cli
     t = tiny_shards(tmp_path_factory.mktemp('pipe'), seed=2)
     d, root, sh = t['dpath'], t['root'], {'training': t['train'], 'validation': t['val']}
     ds = IndexedDataset(sh['training'], 2, 'content')
@@ -176,64 +205,134 @@ def pipeline(tmp_path_factory):
     save_sae(sae, run_dpath/'sae.safetensors')
     (run_dpath/'config.json').write_text(json.dumps({'train_data': {'shards': str(sh['training']), 'layer': 2}}))
     out = d/'semseg'
-    from saev_nb.probe import train_cli
     for layer, sub in ((3, 'p3'), (2, 'p2')):
-        run(train_cli, '--train-acts.shard-root', sh['training'], '--train-acts.layer', layer, '--val-acts.shard-root', sh['validation'],
-            '--imgs.root', root, '--learning-rate', 1e-2, '--n-epochs', 5, '--batch-size', 512, '--out', out/sub)
+        run(probe_train_cli, '--train-acts.shard-root', sh['training'], '--train-acts.layer', layer, '--val-acts.shard-root',
+            sh['validation'], '--imgs.root', root, '--learning-rate', 1e-2, '--n-epochs', 5, '--batch-size', 512, '--out', out/sub)
     return {'root': root, 'train': sh['training'], 'val': sh['validation'], 'run': run_dpath, 'out': out}
 
 
-def test_cli_features_then_suppress(pipeline, capsys):
-    from saev_nb.suppress import features_cli
+def test_features_prints_commands_that_run(pipeline, tmp_path):
     p = pipeline
-    run(features_cli, '--sae-ckpt', p['run']/'sae.safetensors', '--acts.shard-root', p['train'], '--imgs.root', p['root'], '--max-freq', 0.6, '--purity', 0.8, '--out', p['out']/'p3')
-    lines = capsys.readouterr().out.strip().splitlines()
-    feats = pd.read_csv(lines[-1])
+    args = ('--sae-ckpt', p['run']/'sae.safetensors', '--acts.shard-root', p['val'], '--imgs.root', p['root'],
+            '--max-freq', 0.6, '--purity', 0.8, '--out', tmp_path)
+    r = cli('semseg', 'visuals', *args)  # saev's name for the class-feature step
+    *head, inf_cmd, vis_cmd, table = r.stdout.strip().splitlines()
+    feats = pd.read_csv(table)
+    assert Path(table) == tmp_path/'features'/'features.csv' and head[0].endswith('next:')
     assert set(feats.columns) >= {'class', 'name', 'latent', 'f1', 'precision', 'recall', 'frequency'}
     assert set(feats['class']) <= {1, 2, 3, 4} and len(feats) > 0 and (feats.f1 > 0).all()
+    assert inf_cmd == f"saev_nb inference --run {p['run']} --data.shards {p['val']} --data.layer 2"
+    assert vis_cmd.startswith(f"saev_nb visuals --run {p['run']} --shards {p['val']} --latents ")
+    assert '<' not in inf_cmd + vis_cmd
+    # the printed commands run as printed, in a shell, and leave a gallery of the chosen latents
+    env = {**__import__('os').environ, 'PATH': f"{SAEV_NB.parent}:{__import__('os').environ['PATH']}"}
+    sh = subprocess.run(['bash', '-ec', f'{inf_cmd}\n{vis_cmd}'], capture_output=True, text=True, env=env, timeout=600)
+    assert sh.returncode == 0, sh.stderr[-3000:]
+    index = Path(sh.stdout.strip().splitlines()[-1])
+    assert index.name == 'index.html' and index.is_file()
+    shown = set(pd.read_csv(index.parent/'latents.csv').latent)
+    assert shown == set(feats.latent)
+    # after inference, features prints only the visuals command; a re-run says it skips and why
+    r2 = cli('semseg', 'features', *args)
+    assert 'skipping' in r2.stderr and r2.stdout.strip().splitlines()[-2:] == [vis_cmd, table]
+
+
+def test_features_names_the_real_cause(pipeline, tmp_path):
+    p = pipeline
+    cfg = FeaturesConfig(sae_ckpt=p['run']/'sae.safetensors', acts=ActsConfig(p['train']), imgs=ImgsConfig(p['root']),
+                         max_freq=1e-4, out=tmp_path)
+    with pytest.raises(SuppressError, match=r'every latent that fires on a class patch is denser than --max-freq 0.0001'):
+        find_class_latents(cfg, progress=False)
+    assert not (tmp_path/'features'/'features.csv').exists()
+    cli_fails('semseg', 'features', '--sae-ckpt', p['run']/'sae.safetensors', '--acts.shard-root', p['train'],
+              '--imgs.root', p['root'], '--purity', 1.01, '--out', tmp_path, contains='label purity of at least --purity 1.01',
+              env={'TQDM_DISABLE': '1'})  # progress bars are allowed on stderr; the error itself is one line
+
+
+def test_features_then_suppress(pipeline, capsys):
+    from saev_nb.suppress import features_cli
+    p = pipeline
+    run(features_cli, '--sae-ckpt', p['run']/'sae.safetensors', '--acts.shard-root', p['train'], '--imgs.root', p['root'],
+        '--max-freq', 0.6, '--purity', 0.8, '--out', p['out']/'p3')
+    lines = capsys.readouterr().out.strip().splitlines()
+    feats = pd.read_csv(lines[-1])
     assert lines[-2].startswith(f"saev_nb visuals --run {p['run']} --shards {p['train']} --latents ")
     # through the remaining block (SAE on 2, probe on 3), by the console command; the first batch checks the model reproduces block 3
-    r = cli('semseg', 'suppress', '--sae-ckpt', p['run']/'sae.safetensors', '--acts.shard-root', p['val'], '--n-boot', 200, '--out', p['out']/'p3')
-    summ = pd.read_csv(r.stdout.strip().splitlines()[-1]).set_index('condition')
+    args = ('semseg', 'suppress', '--sae-ckpt', p['run']/'sae.safetensors', '--acts.shard-root', p['val'], '--n-boot', 200,
+            '--out', p['out']/'p3')
+    r = cli(*args)
+    out = r.stdout.strip().splitlines()
+    summ = pd.read_csv(out[-1]).set_index('condition')
+    assert out[0].startswith('condition') and [l.split()[0] for l in out[1:5]] == list(CONDITIONS)
+    assert out[-2].startswith(f"Of {feats['class'].nunique()} classes, ")
     assert list(summ.index) == list(CONDITIONS)
     assert summ.loc['none', 'target_change'] == 0 and summ.loc['none', 'other_change'] == 0
     assert summ.loc['class', 'mean_norm_change'] == pytest.approx(summ.loc['random-dir', 'mean_norm_change'], rel=1e-3)
     for col in ('target_change', 'other_change'): assert ((summ[col] >= 0) & (summ[col] <= 1)).all()
     sdir = p['out']/'p3'/'suppress'
     assert (sdir/'suppression.png').stat().st_size > 1000 and len(pd.read_csv(sdir/'per-class.csv')) == 4 * feats['class'].nunique()
+    verd = pd.read_csv(sdir/'verdicts.csv')
+    assert len(verd) == feats['class'].nunique() and set(verd.verdict) <= {'specific', 'not separable from the controls',
+                                                                           'selection failed', 'never predicted'}
     assert json.loads((sdir/'conditions.json').read_text())['probe_layer'] == 3
+    # a re-run says it skips and why, and prints the same summary
+    r2 = cli(*args)
+    assert 'skipping' in r2.stderr and r2.stdout == r.stdout
     # the probe on the SAE's own layer reads the edit directly
-    from saev_nb.suppress import suppress_cli
+    from saev_nb.suppress import features_cli
     out2 = p['out']/'p2'
-    run(features_cli, '--sae-ckpt', p['run']/'sae.safetensors', '--acts.shard-root', p['train'], '--imgs.root', p['root'], '--max-freq', 0.6, '--out', out2)
-    run(suppress_cli, '--sae-ckpt', p['run']/'sae.safetensors', '--acts.shard-root', p['val'], '--mode', 'negative', '--n-boot', 100, '--out', out2)
-    assert json.loads((out2/'suppress'/'conditions.json').read_text())['probe_layer'] == 2
+    find_class_latents(FeaturesConfig(sae_ckpt=p['run']/'sae.safetensors', acts=ActsConfig(p['train']), imgs=ImgsConfig(p['root']),
+                                      max_freq=0.6, out=out2), progress=False)
+    res = suppress_experiment(SuppressConfig(sae_ckpt=p['run']/'sae.safetensors', acts=ActsConfig(p['val']), mode='negative',
+                                             n_boot=100, out=out2), progress=False)
+    assert json.loads((out2/'suppress'/'conditions.json').read_text())['probe_layer'] == 2 and res.skipped == ''
 
 
-def test_cli_bad_input(pipeline, tmp_path):
-    from saev_nb.suppress import features_cli, suppress_cli
+def test_bad_input(pipeline, tmp_path):
     p = pipeline
-    with pytest.raises(SystemExit, match='^saev_nb semseg suppress: .*logs/results.csv: missing'):
-        run(suppress_cli, '--sae-ckpt', p['run']/'sae.safetensors', '--acts.shard-root', p['val'], '--out', tmp_path)
+    sup = lambda **kw: suppress_experiment(SuppressConfig(**{'sae_ckpt': p['run']/'sae.safetensors', 'acts': ActsConfig(p['val']),
+                                                             'out': tmp_path, **kw}), progress=False)
+    with pytest.raises(MissingFileError, match='logs/results.csv: missing'): sup()
     probe = next((p['out']/'p3'/'checkpoints').glob('*/probe.safetensors'))
-    with pytest.raises(SystemExit, match='^saev_nb semseg suppress: .*no feature table'):
-        run(suppress_cli, '--sae-ckpt', p['run']/'sae.safetensors', '--acts.shard-root', p['val'], '--probe', probe, '--out', tmp_path)
-    with pytest.raises(SystemExit, match='^saev_nb semseg features: .*SAE was trained on layer 2'):
-        run(features_cli, '--sae-ckpt', p['run']/'sae.safetensors', '--acts.shard-root', p['val'], '--acts.layer', 3, '--imgs.root', p['root'], '--out', tmp_path)
+    with pytest.raises(MissingFileError, match='no feature table'): sup(probe=probe)
+    with pytest.raises(MissingFileError, match='no SAE checkpoint'): sup(sae_ckpt=tmp_path/'none.safetensors')
+    feat = lambda **kw: find_class_latents(FeaturesConfig(**{'sae_ckpt': p['run']/'sae.safetensors', 'acts': ActsConfig(p['val']),
+                                                             'imgs': ImgsConfig(p['root']), 'out': tmp_path, **kw}))
+    with pytest.raises(SuppressError, match='SAE was trained on layer 2'): feat(acts=ActsConfig(p['val'], 3))
     save_sae(SAE(SAEConfig(d_model=16, d_sae=32, activation=Relu())), tmp_path/'small'/'sae.safetensors')
-    with pytest.raises(SystemExit, match='^saev_nb semseg features: .*the SAE expects 16'):
-        run(features_cli, '--sae-ckpt', tmp_path/'small'/'sae.safetensors', '--acts.shard-root', p['train'], '--imgs.root', p['root'], '--out', tmp_path)
+    with pytest.raises(SuppressError, match='the SAE expects 16'): feat(sae_ckpt=tmp_path/'small'/'sae.safetensors')
+    cli_fails('semseg', 'suppress', '--sae-ckpt', p['run']/'sae.safetensors', '--acts.shard-root', p['val'], '--out', tmp_path,
+              contains='logs/results.csv: missing')
 
 
 def test_tail_predictor_detects_a_different_model(pipeline):
     from saev_nb.models import load_vit
-    from saev_nb.suppress import shard_batches
+    from saev_nb.suppress import suppression_batches
     vit = load_vit('clip', 'saev-tiny/random')
     probe = LinearProbes(1, vit.d_model, 151)
-    batches, _ = shard_batches(p := pipeline['val'], 2, 3, 4096)
+    batches, _ = suppression_batches(pipeline['val'], 2, 3, 4096, vit=vit)
     b = next(batches)
+    assert b['resid'].shape[1] == 1 + b['x'].shape[1] and torch.equal(b['resid'][:, 1:], b['x'])
     pred = tail_predictor(vit, probe, 2, 3)(b['x'], b)
     assert pred.shape == b['labels'].shape
     with torch.no_grad():
         for q in vit.blocks[3].parameters(): q.add_(0.5)
-    with pytest.raises(ValueError, match='does not reproduce the recorded layer 3'): tail_predictor(vit, probe, 2, 3)(b['x'], b)
+    with pytest.raises(SuppressError, match='does not reproduce the recorded probe layer'): tail_predictor(vit, probe, 2, 3)(b['x'], b)
+
+
+def test_stream_rebuilt_from_images_matches_the_shards(pipeline):
+    "A model whose prefix the shards lack (registers, or no CLS stored) gets its stream from the images: same tokens."
+    from saev_nb.models import load_vit
+    from saev_nb.suppress import suppression_batches
+    import saev_nb.suppress as S
+    vit = load_vit('clip', 'saev-tiny/random')
+    ref = next(suppression_batches(pipeline['val'], 2, 3, 4096, vit=vit)[0])
+    class Reg:  # pretend the model has one register token: the stream must then come from the images
+        def __init__(self, v): self.v, self.n_prefix, self.img_transform = v, 2, v.img_transform
+        def residual(self, x, layer):
+            h = self.v.residual(x, layer)
+            return torch.cat([h[:, :1], torch.zeros_like(h[:, :1]), h[:, 1:]], 1)
+    b = next(suppression_batches(pipeline['val'], 2, 3, 4096, vit=Reg(vit))[0])
+    assert b['resid'].shape[1] == ref['resid'].shape[1] + 1
+    torch.testing.assert_close(b['resid'][:, 2:], ref['x'], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(b['resid'][:, 0], ref['resid'][:, 0], atol=1e-4, rtol=1e-4)

@@ -1,15 +1,19 @@
-"Tests of saev_nb.visuals: latent choice, highlights, top examples, the gallery on disk, CLI errors."
-import subprocess, sys
+"Tests of saev_nb.visuals: latent choice, highlights, top examples, the gallery on disk (and in a browser), CLI errors."
+import shutil, subprocess
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
 from PIL import Image
 
+from helpers import cli, cli_fails, tiny_shards
+from saev_nb.data import UserError
 from saev_nb.evaluate import Metrics, save_inference
-from saev_nb.visuals import VisualsConfig, highlight, html_refs, interesting, patch_maps, pick_latents, top_examples, visuals
+from saev_nb.visuals import (VisualsConfig, filter_report, highlight, html_refs, interesting, patch_maps, pick_latents, read_features, tile,
+                             top_examples, visuals)
 
 
 def test_pick_latents():
@@ -19,7 +23,8 @@ def test_pick_latents():
     got = pick_latents(freqs, mv, latents=[2], n_latents=10)
     assert got[0] == 2 and sorted(got[1:]) == [1, 4, 5]
     assert len(pick_latents(freqs, mv, n_latents=2, seed=3)) == 2
-    with pytest.raises(IndexError, match='out of range'): pick_latents(freqs, mv, latents=[6])
+    with pytest.raises(UserError, match='out of range'): pick_latents(freqs, mv, latents=[6])
+    assert filter_report(freqs, mv).startswith('3 of 6 latents pass the filter --log10-freq -6 -1 --log10-value -2 3 (1 dead, 0 rarer, 1 denser')
 
 
 def test_highlight_scales_with_activation():
@@ -29,6 +34,14 @@ def test_highlight_scales_with_activation():
     assert (a[12:20, 12:20] == 100).all()  # non-firing patch untouched
     d_strong, d_weak = np.abs(a[4, 4] - 100).sum(), np.abs(a[28, 28] - 100).sum()
     assert d_strong > d_weak > 0
+
+
+def test_tile_shows_original_next_to_highlight():
+    img = Image.new('RGB', (64, 64), (100, 100, 100))
+    v = np.zeros((8, 8)); v[0, 0] = 1.0
+    t = np.asarray(tile(img, highlight(img, v, 1.0), None, 'ex 0'))
+    assert t.shape[:2] == (192 + 22, 2 * 192 + 4)  # two 192 px panels (64 px upscaled x3) and a caption
+    assert (t[:24, :24] == 100).all() and (t[:24, 196:220] != 100).any()  # left: untouched original; right: highlighted
 
 
 def test_top_examples_and_patch_maps_brute_force():
@@ -68,48 +81,115 @@ def fake_eval(tmp_path_factory):
     g = torch.Generator().manual_seed(0)
     f = torch.relu(torch.randn(n_ex * p, 32, generator=g) - 2.0)
     m = Metrics(8, 32).update(torch.randn(n_ex * p, 8, generator=g), torch.zeros(n_ex * p, 8), f)
-    save_inference(run / 'inference' / md.hash, m, sp.csr_matrix(f.numpy()), dict(run=str(run), tokens_per_example=p, has_cls=False))
+    save_inference(run / 'inference' / md.hash / 'layer2-content', m, sp.csr_matrix(f.numpy()),
+                   dict(run=str(run), tokens_per_example=p, has_cls=False, key='layer2-content'))
     return run, shards
 
 
 def test_gallery_references_existing_files(fake_eval, tmp_path):
     run, shards = fake_eval
-    index = visuals(VisualsConfig(run=run, shards=shards, latents=(0, 5), n_latents=4, top_k=6, log10_freq=(-6, 0), out=tmp_path / 'g'))
+    index = visuals(VisualsConfig(run=run, shards=shards, latents=(0, 5), n_latents=4, top_k=6, log10_freq=(-6, 0), out=tmp_path / 'g'), progress=False)
     refs = html_refs(index)
-    assert len(refs) == 6 and all(r.startswith('grids/') for r in refs)
-    for r in refs:
+    assert refs[0] == 'legend.png' and len(refs) == 1 + 2 * 6 and all(r.startswith('grids/') for r in refs[1:])
+    for r in refs[1:]:
         fpath = index.parent / r
-        assert fpath.exists() and Image.open(fpath).size[0] > 100
+        assert fpath.exists() and Image.open(fpath).size[0] > 400 and Image.open(fpath).size[1] > 200  # tiles big enough to see
     text = index.read_text()
-    assert 'sortBy' in text and '<th onclick' in text
+    assert 'sortBy' in text and '<th onclick' in text and 'the image as the model saw it' in text
     assert (index.parent / 'latents.csv').read_text().count('\n') == 7
-
-
-def _cli(*args):
-    return subprocess.run([sys.executable, '-m', 'saev_nb.cli', 'visuals', *map(str, args)], capture_output=True, text=True, timeout=300)
 
 
 def test_cli_writes_gallery(fake_eval, tmp_path):
     run, shards = fake_eval
-    r = _cli('--run', run, '--shards', shards, '--latents', 0, 1, 2, '--n-latents', 2, '--top-k', 4, '--out', tmp_path / 'c')
-    assert r.returncode == 0, r.stderr
+    r = cli('visuals', '--run', run, '--shards', shards, '--latents', 0, 1, 2, '--n-latents', 2, '--top-k', 4, '--out', tmp_path / 'c')
     index = Path(r.stdout.strip().splitlines()[-1])
     assert index.name == 'index.html' and all((index.parent / x).exists() for x in html_refs(index))
 
 
-def _inproc_error(cfg, *needles):
-    from saev_nb.visuals import visuals_cli
-    with pytest.raises(SystemExit) as e: visuals_cli(cfg)
-    msg = str(e.value.code)
-    assert '\n' not in msg, msg
-    for n in needles: assert n in msg, msg
+def test_cli_warns_when_no_latent_passes_the_filter(fake_eval, tmp_path):
+    run, shards = fake_eval
+    r = cli('visuals', '--run', run, '--shards', shards, '--latents', 3, '--log10-freq', -9, -8, '--top-k', 2, '--out', tmp_path / 'w')
+    assert 'warning: no latent passes the frequency filter' in r.stderr and '--log10-freq -9 -8' in r.stderr and '32 rarer' not in r.stderr
+    assert 'denser than the frequency range' in r.stderr
+    assert 'no latent passes the frequency filter' in Path(r.stdout.strip()).read_text()  # on the page too
+    cli_fails('visuals', '--run', run, '--shards', shards, '--log10-freq', -9, -8, '--out', tmp_path / 'w2', contains='nothing to show')
 
 
 def test_cli_bad_input_one_line(fake_eval, tmp_path):
     run, shards = fake_eval
-    r = _cli('--run', tmp_path / 'no_run', '--shards', shards)
-    assert r.returncode != 0 and 'Traceback' not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and 'saev_nb inference' in r.stderr
-    _inproc_error(VisualsConfig(run=run, shards=tmp_path / 'no_shards'), 'metadata.json')
-    _inproc_error(VisualsConfig(run=run, shards=shards, latents=(999,)), 'out of range')
-    _inproc_error(VisualsConfig(run=run, shards=shards, dataset=tmp_path / 'moved'), 'moved', '--dataset')
+    cli_fails('visuals', '--run', tmp_path / 'no_run', '--shards', shards, contains='saev_nb inference --run')
+    (tmp_path / 'bad.csv').write_text('a,b\n1,2\n')
+    cli_fails('visuals', '--run', run, '--shards', shards, '--class-latents', tmp_path / 'bad.csv', contains="columns ['f1', 'latent', 'name'] missing")
+    # the same checks in-process (the CLI turns each UserError into one line)
+    with pytest.raises(UserError, match='metadata.json'): visuals(VisualsConfig(run=run, shards=tmp_path / 'no_shards'))
+    with pytest.raises(UserError, match='out of range'): visuals(VisualsConfig(run=run, shards=shards, latents=(999,)))
+    with pytest.raises(UserError, match='moved.*--dataset'): visuals(VisualsConfig(run=run, shards=shards, dataset=tmp_path / 'moved'))
+
+
+@pytest.fixture(scope='module')
+def real_gallery(tmp_path_factory):
+    "Tiny ViT shards, a TopK SAE trained on block 3, its inference, `semseg features` through the CLI, and the gallery with its classes."
+    from saev_nb.loaders import ShuffledConfig
+    from saev_nb.sae import SAEConfig, TopK
+    from saev_nb.train import TrainConfig, Vanilla, train
+    tmp = tmp_path_factory.mktemp('gal')
+    d = tiny_shards(tmp)
+    data = ShuffledConfig(shards=d['train'], layer=3, batch_size=1024)
+    (run,) = train(TrainConfig(train_data=data, val_data=data, sae=SAEConfig(d_model=128, exp_factor=4, activation=TopK(top_k=16)), objective=Vanilla(),
+                               n_train=48 * 64 * 10, n_val=2048, lr=3e-3, n_lr_warmup=5, runs_root=tmp / 'runs'), progress=False)
+    cli('inference', '--run', run, '--data.shards', d['train'])
+    r = cli('semseg', 'features', '--sae-ckpt', run / 'sae.safetensors', '--acts.shard-root', d['train'], '--imgs.root', d['root'], '--k', 1, '--out', tmp / 'semseg')
+    feats = Path(r.stdout.strip().splitlines()[-1])
+    r = cli('visuals', '--run', run, '--shards', d['train'], '--class-latents', feats, '--n-latents', 3, '--top-k', 8)
+    return Path(r.stdout.strip().splitlines()[-1]), feats
+
+
+def test_gallery_labels_the_class_latents(real_gallery):
+    index, feats = real_gallery
+    table = pd.read_csv(feats)
+    assert len(table) and {'latent', 'name', 'f1'} <= set(table.columns)
+    shown = pd.read_csv(index.parent / 'latents.csv')
+    labelled = shown[shown['class'].notna()].set_index('latent')['class']
+    assert set(labelled.index) == set(table.latent)
+    best = table.sort_values('f1', ascending=False).groupby('latent').first()
+    for l, row in best.iterrows(): assert labelled[l].startswith(f"{row['name']} (F1 {row.f1:.2f})")
+    page = index.read_text()
+    assert all(n in page for n in table.name)
+    assert read_features(feats, 512) == {int(l): v for l, v in labelled.items()}
+
+
+def test_gallery_screenshot_in_chromium(real_gallery, tmp_path):
+    "The page as a browser draws it: headless Chromium screenshots it; the table, legend and previews are on screen."
+    chromium = shutil.which('chromium') or shutil.which('chromium-browser')
+    if chromium is None: pytest.skip('chromium is not installed (apt-get install -y chromium): no browser check of the gallery')
+    index, _ = real_gallery
+    shot = tmp_path / 'gallery.png'
+    subprocess.run([chromium, '--headless', '--no-sandbox', '--disable-gpu', '--hide-scrollbars', f'--screenshot={shot}', '--window-size=1400,1000',
+                    index.resolve().as_uri()], capture_output=True, timeout=120, check=True)
+    img = np.asarray(Image.open(shot).convert('RGB')).astype(int)
+    assert img.shape == (1000, 1400, 3)
+    colourful = (img.max(2) - img.min(2)) > 60  # the images (and legend) are saturated; text and borders are grey
+    assert colourful[:, 500:].mean() > 0.2, 'previews not drawn (broken image links?)'
+    assert colourful[100:200].any(), 'highlight legend not drawn'
+    shutil.copy(shot, index.parent / 'screenshot.png')  # kept next to the page for a look
+
+
+def test_find_inference_picks_the_plain_evaluation(fake_eval, tmp_path):
+    "With several evaluations on one shard set, visuals reads the content-token one without ignored labels, or asks."
+    from saev_nb.shards import Metadata
+    from saev_nb.visuals import find_inference
+    run, shards = fake_eval
+    md = Metadata.load(shards)
+    base = run / 'inference' / md.hash
+    other = base / 'layer2-content-ignore0'
+    shutil.copytree(base / 'layer2-content', other)
+    try:
+        assert find_inference(run, md, shards) == base / 'layer2-content'
+        assert find_inference(run, md, shards, other) == other
+        shutil.move(base / 'layer2-content', tmp_path / 'moved')
+        assert find_inference(run, md, shards) == other  # the only one left
+        shutil.copytree(other, base / 'layer2-cls')
+        with pytest.raises(UserError, match='several evaluations .*pass --inference'): find_inference(run, md, shards)
+    finally:
+        for d in (other, base / 'layer2-cls'): shutil.rmtree(d, ignore_errors=True)
+        if (tmp_path / 'moved').exists(): shutil.move(tmp_path / 'moved', base / 'layer2-content')

@@ -1,0 +1,96 @@
+"""saev_nb.bench: the three harnesses on tiny sizes (fields, ratios consistent with their rates), their console
+commands, the one-line error of `--cold` without the right to drop the page cache, and the GPU check's dry run on
+the CPU (`tools/gpu-check.sh --cpu`): every check in its JSON report has a goal, a measured value and a verdict."""
+import json, subprocess
+from pathlib import Path
+
+import pytest
+
+from saev_nb.bench import (BenchError, BenchLoaderConfig, BenchTrainConfig, bench_loader, bench_train, drop_page_cache)
+from helpers import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_loader_small():
+    r = bench_loader(BenchLoaderConfig(size_gb=0.01, shard_gb=0.004, d_model=32, content_tokens=32, batch_size=512,
+                                       block_tokens=4, n_repeats=1))
+    assert r['n_tokens'] > 0 and r['shuffled_gbs'] > 0 and r['memcpy_gbs'] > 0 and 0.8 < r['entropy_ratio'] <= 1.05
+    assert r['memcpy_fresh_gbs'] > 0 and r['shuffled_ratio_fresh'] == pytest.approx(r['shuffled_gbs'] / r['memcpy_fresh_gbs'])
+    assert r['shuffled_ratio_h2d'] == pytest.approx(r['rates']['shuffled'][0] / r['rates']['h2d'][0])
+    assert r['goal_met'] == (r['shuffled_ratio'] >= 0.5)
+
+
+def test_cli_bench_loader(tmp_path):
+    out = cli('bench', 'loader', '--size-gb', '0.01', '--shard-gb', '0.004', '--d-model', '32', '--content-tokens', '32',
+              '--batch-size', '512', '--n-repeats', '1', '--dpath', tmp_path / 'b', '--json-fpath', tmp_path / 'r.json')
+    for row in ('shuffled loader', 'memcpy (same bytes)', 'memcpy, fresh dest.', 'device copy', 'goal >= 0.5'): assert row in out.stdout
+    assert out.stdout.strip().splitlines()[-1] == str((tmp_path / 'b').resolve())
+    r = json.loads((tmp_path / 'r.json').read_text())
+    assert r['device'] == 'cpu' and r['shuffled_gbs'] > 0
+
+
+def test_bench_loader_cold_rounds(monkeypatch):
+    "The cold comparison's bookkeeping, with the page-cache drop stubbed out (dropping it needs root and slows others)."
+    import saev_nb.bench as bench
+    drops = []
+    monkeypatch.setattr(bench, 'drop_page_cache', lambda: drops.append(1))
+    r = bench_loader(BenchLoaderConfig(size_gb=0.01, shard_gb=0.004, d_model=32, content_tokens=32, batch_size=512,
+                                       block_tokens=4, n_repeats=2, cold=True))
+    assert len(drops) == 1 + 2 * 2  # once up front, then before each of the two epochs of each round
+    assert r['cold'] and len(r['rates']['ordered']) == len(r['rates']['shuffled']) == 2
+    ratios = [s / o for s, o in zip(r['rates']['shuffled'], r['rates']['ordered'])]
+    assert r['cold_ratio'] == pytest.approx(sorted(ratios)[0] / 2 + sorted(ratios)[1] / 2)
+    assert 0.8 < r['entropy_ratio'] <= 1.05 and r['cold_ordered_gbs'] > 0
+
+
+def test_drop_page_cache_without_right_is_one_line(tmp_path):
+    with pytest.raises(BenchError, match='--cold needs root'): drop_page_cache(tmp_path / 'no' / 'drop_caches')
+
+
+def test_bench_train_small():
+    res = bench_train(BenchTrainConfig(d_model=32, exp_factor=4, batch_size=256, n_steps=1, n_saes=2))
+    assert res['tokens_per_s'] > 0 and 0 < res['fraction_of_matmul'] and res['loop_per_sae_cost'] > 0
+
+
+def test_bench_train_parts(tmp_path):
+    "Overhead line, matmul share and the end-to-end run through the shuffled loader, at toy sizes."
+    r = bench_train(BenchTrainConfig(d_model=32, exp_factor=2, batch_size=256, n_steps=1, n_saes=2, bmm=False,
+                                     n_overhead_steps=10, e2e_gb=0.003, e2e_tokens=5000))
+    assert r['overhead_step_1_us'] > 0 and r['overhead_per_sae_us'] == pytest.approx(
+        (r['overhead_step_n_us'] - r['overhead_step_1_us']) / (r['overhead_n_saes'] - 1))
+    assert 0 < r['matmul_share'] < 1 and r['non_matmul_fraction'] == pytest.approx(1 - r['matmul_share'])
+    assert r['e2e_tokens'] >= 5000 and r['e2e_tokens_per_s'] > 0 and r['ceiling_tokens_per_s'] > 0
+
+
+def test_cli_bench_train_and_shards(tmp_path):
+    cli('bench', 'train', '--d-model', '16', '--exp-factor', '2', '--batch-size', '64', '--n-steps', '1', '--n-saes', '2',
+        '--no-bmm', '--no-profile', '--n-overhead-steps', '5', '--json-fpath', tmp_path / 't.json')
+    assert json.loads((tmp_path / 't.json').read_text())['loop_per_sae_cost'] > 0
+    out = cli('bench', 'shards', '--n-images', '16', '--batch-size', '16', '--n-workers', '0', '--n-repeats', '1',
+              '--json-fpath', tmp_path / 's.json')
+    assert 'writer/forward' in out.stdout and json.loads((tmp_path / 's.json').read_text())['ratio'] > 0
+
+
+def test_cli_bench_loader_cold_without_root_is_one_line():
+    import os
+    if os.geteuid() == 0: pytest.skip('root may drop the page cache; this checks the one-line refusal')
+    from helpers import cli_fails
+    cli_fails('bench', 'loader', '--cold', '--size-gb', '0.01', contains='--cold needs root')
+
+
+def test_gpu_check_dry_run(tmp_path):
+    "`tools/gpu-check.sh --cpu` runs every check and its JSON report has a goal, a value and a verdict for each."
+    from saev_nb.bench import GPU_CHECKS
+    r = subprocess.run(['bash', str(ROOT / 'tools' / 'gpu-check.sh'), '--cpu', str(tmp_path)], capture_output=True,
+                       text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rep = json.loads((tmp_path / 'report.json').read_text())
+    assert rep['mode'] == 'cpu' and rep['all_ran'] and rep['nproc'] >= 1
+    assert [c['check'] for c in rep['checks']] == [c[0] for c in GPU_CHECKS]
+    for c in rep['checks']:
+        assert c['value'] is not None and c['rc'] == 0, c
+        assert (c['pass'] is None) == (c['goal'] is None) and c['log'] and (tmp_path / c['log']).exists()
+    md = (tmp_path / 'report.md').read_text()
+    assert all(f"`{c[0]}`" in md for c in GPU_CHECKS)
+    assert json.loads((tmp_path / 'raw' / 'determinism.json').read_text())['resume_max_abs_diff'] == 0.0
