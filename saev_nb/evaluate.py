@@ -20,111 +20,18 @@ from .data import UserError, MissingFileError, progress_bar
 from .shards import Metadata, ShardError, atomic_write, vit_for_shards
 from .loaders import OrderedConfig, OrderedLoader, Normalizer, Tokens
 from .sae import load_sae
-from .train import load_normalizer
+from .train import load_run_or_ckpt, Metrics, merge_moments, ALMOST_DEAD, DENSE
 from .shards import disk_full_errors, slurm_executor, submitted, wait_jobs
 
 class EvalError(UserError, ValueError):
     "Evaluation input is inconsistent; the message names the file and the fix."
 
 # %% auto #0
-__all__ = ['EvalError', 'merge_moments', 'Metrics', 'TokenActs', 'csr_topk', 'example_max', 'pareto_mask', 'plot_pareto',
-           'plot_latent_hists', 'row_of', 'keep_mask', 'evaluate_batches', 'json_safe', 'inference_key',
-           'inference_dirs', 'save_inference', 'load_inference', 'swept_columns', 'swept_label', 'collect_runs',
-           'plot_sweep_hists', 'PlotsConfig', 'eval_title', 'plots', 'plots_cli', 'EvalDataConfig', 'InferenceConfig',
-           'resolve_eval_layer', 'EvalPlan', 'plan_eval', 'load_run_for_eval', 'is_finished', 'inference_one',
-           'inference_mem_gb', 'inference', 'inference_cli']
-
-# %% ../nbs/06_evaluate.ipynb #d2988e22
-def merge_moments(n: int,  # tokens seen so far
-                  mean_d: torch.Tensor,  # float64 running mean (d,)
-                  m2: torch.Tensor,  # float64 running centred sum of squares (scalar)
-                  x_bd: torch.Tensor,  # new rows (b, d), any float dtype
-                 ) -> tuple[int, torch.Tensor, torch.Tensor]:  # updated (n, mean_d, m2)
-    "Merge a batch into a running mean and centred sum of squares (Chan's update, float64)."
-    b = x_bd.shape[0]
-    if b == 0: return n, mean_d, m2
-    x = x_bd.to(torch.float64)
-    mean_b = x.mean(0)
-    m2_b = (x - mean_b).square().sum()
-    delta = mean_b - mean_d
-    tot = n + b
-    return tot, mean_d + delta * (b / tot), m2 + m2_b + delta.square().sum() * (n * b / tot)
-
-# %% ../nbs/06_evaluate.ipynb #a431edcc
-class Metrics:
-    "Streaming reconstruction and sparsity metrics of an SAE over batches of tokens (float64 sums)."
-    def __init__(self, d_model: int,  # input width
-                 d_sae: int,  # number of latents
-                 almost_dead: float = 1e-7,  # firing frequency below which a latent counts as almost dead
-                 dense: float = 1e-2,  # firing frequency above which a latent counts as dense
-                 device: str|torch.device = 'cpu',  # where the accumulators live (the SAE's device)
-                ):
-        self.d_model, self.d_sae, self.almost_dead, self.dense = d_model, d_sae, almost_dead, dense
-        f64 = dict(dtype=torch.float64, device=device)
-        self.n, self.mean_d, self.m2 = 0, torch.zeros(d_model, **f64), torch.zeros((), **f64)
-        self.n_r, self.res_mean_d, self.res_m2 = 0, torch.zeros(d_model, **f64), torch.zeros((), **f64)
-        self.l0_sum, self.l1_sum = torch.zeros((), **f64), torch.zeros((), **f64)
-        self.n_fired_s = torch.zeros(d_sae, dtype=torch.int64, device=device)
-        self.sum_s = torch.zeros(d_sae, **f64)
-
-    def __repr__(self): return f'Metrics(d_model={self.d_model}, d_sae={self.d_sae}, n_tokens={self.n})'
-
-# %% ../nbs/06_evaluate.ipynb #3576c0a5
-@patch
-def update(self: Metrics,
-           x_bd: torch.Tensor,  # SAE inputs
-           x_hat_bd: torch.Tensor,  # SAE reconstructions
-           f_x_bs: torch.Tensor,  # latent activations
-           keep_b: torch.Tensor|None = None,  # bool mask of the tokens to count (None: all)
-          ) -> Metrics:
-    "Add a batch of tokens to the running sums."
-    if keep_b is not None: x_bd, x_hat_bd, f_x_bs = x_bd[keep_b], x_hat_bd[keep_b], f_x_bs[keep_b]
-    if x_bd.shape[0] == 0: return self
-    x64 = x_bd.to(torch.float64)
-    r64 = x64 - x_hat_bd.to(torch.float64)
-    self.n, self.mean_d, self.m2 = merge_moments(self.n, self.mean_d, self.m2, x64)
-    self.n_r, self.res_mean_d, self.res_m2 = merge_moments(self.n_r, self.res_mean_d, self.res_m2, r64)
-    r, c = f_x_bs.nonzero(as_tuple=True)
-    v64 = f_x_bs[r, c].to(torch.float64)
-    self.n_fired_s += torch.bincount(c, minlength=self.d_sae)
-    self.sum_s.index_add_(0, c, v64)
-    self.l0_sum += len(c)
-    self.l1_sum += v64.abs().sum()
-    return self
-
-# %% ../nbs/06_evaluate.ipynb #6578698a
-@patch(as_prop=True)
-def freqs(self: Metrics) -> np.ndarray:
-    "Per-latent firing frequency (fraction of counted tokens where the latent is non-zero), float64 (d_sae,)."
-    return (self.n_fired_s.double() / max(self.n, 1)).cpu().numpy()
-
-@patch(as_prop=True)
-def mean_values(self: Metrics) -> np.ndarray:
-    "Per-latent mean activation over the tokens where it fires; NaN for latents that never fire."
-    fired = self.n_fired_s.double()
-    return torch.where(fired > 0, self.sum_s / fired.clamp(min=1), torch.nan).cpu().numpy()
-
-# %% ../nbs/06_evaluate.ipynb #d4ee708e
-@patch
-def summary(self: Metrics) -> dict:
-    "The scalar metrics: NMSE, MSE per dim / token, explained variance, L0, L1, dead/almost dead/dense counts."
-    if self.n == 0:
-        raise EvalError('Metrics: no tokens were counted (all batches empty or masked out by ignore_labels); check '
-                        'the data and ignore_labels')
-    n, d, sst = self.n, self.d_model, float(self.m2)
-    sse = float(self.res_m2 + n * self.res_mean_d.square().sum())  # sum ||x - x_hat||^2 from the residual's moments
-    freqs = self.freqs
-    return dict(
-        n_tokens=n, d_model=d, d_sae=self.d_sae,
-        normalized_mse=sse / sst if sst > 0 else float('nan'),
-        mse_per_dim=sse / (n * d), mse_per_token=sse / n,
-        baseline_mse_per_dim=sst / (n * d), baseline_mse_per_token=sst / n,
-        explained_variance=1 - float(self.res_m2) / sst if sst > 0 else float('nan'),
-        sse=sse, sst=sst,
-        l0=float(self.l0_sum) / n, l1=float(self.l1_sum) / n,
-        n_dead=int((freqs == 0).sum()), n_almost_dead=int((freqs < self.almost_dead).sum()),
-        n_dense=int((freqs > self.dense).sum()),
-        almost_dead_threshold=self.almost_dead, dense_threshold=self.dense)
+__all__ = ['EvalError', 'TokenActs', 'csr_topk', 'example_max', 'pareto_mask', 'plot_pareto', 'plot_latent_hists', 'row_of',
+           'keep_mask', 'evaluate_batches', 'json_safe', 'inference_key', 'inference_dirs', 'save_inference',
+           'load_inference', 'swept_columns', 'swept_label', 'collect_runs', 'plot_sweep_hists', 'PlotsConfig',
+           'eval_title', 'plots', 'plots_cli', 'EvalDataConfig', 'InferenceConfig', 'resolve_eval_layer', 'EvalPlan',
+           'plan_eval', 'is_finished', 'inference_one', 'inference_mem_gb', 'inference', 'inference_cli']
 
 # %% ../nbs/06_evaluate.ipynb #9ee9d658
 class TokenActs:
@@ -277,8 +184,8 @@ def evaluate_batches(sae: torch.nn.Module,  # an SAE (`encode`/`decode`/`forward
                      has_cls: bool = False,  # the token set includes CLS at position 0
                      ignore_labels: tp.Sequence[int] = (),  # patch labels to mask out of everything
                      save_acts: bool = True,  # also collect the sparse token activations
-                     almost_dead: float = 1e-7,  # frequency threshold for "almost dead"
-                     dense: float = 1e-2,  # frequency threshold for "dense"
+                     almost_dead: float = ALMOST_DEAD,  # frequency threshold for "almost dead"
+                     dense: float = DENSE,  # frequency threshold for "dense"
                      device: str = 'cpu',  # where the SAE runs
                      pbar: tqdm|None = None,  # progress bar to advance by tokens
                     ) -> tuple[Metrics, sp.csr_matrix|None]:
@@ -309,13 +216,13 @@ def json_safe(obj):
 def inference_key(layer: int,  # evaluated block
                   tokens: str,  # evaluated token set
                   ignore_labels: tp.Sequence[int] = (),  # patch labels left out
-                  almost_dead: float = 1e-7,  # threshold of "almost dead"
-                  dense: float = 1e-2,  # threshold of "dense"
+                  almost_dead: float = ALMOST_DEAD,  # threshold of "almost dead"
+                  dense: float = DENSE,  # threshold of "dense"
                  ) -> str:  # folder name under `<run>/inference/<shards hash>/`
     "The name of one evaluation setting: `layer<L>-<tokens>`, then `-ignore<a_b>` and non-default thresholds."
     key = f'layer{int(layer)}-{tokens}'
     if ignore_labels: key += '-ignore' + '_'.join(str(int(l)) for l in sorted(set(ignore_labels)))
-    if (almost_dead, dense) != (1e-7, 1e-2): key += f'-dead{almost_dead:g}-dense{dense:g}'
+    if (almost_dead, dense) != (ALMOST_DEAD, DENSE): key += f'-dead{almost_dead:g}-dense{dense:g}'
     return key
 
 def inference_dirs(run: Path,  # run directory
@@ -564,9 +471,9 @@ class InferenceConfig:
     """Also write the sparse token activations (token_acts.npz) that `saev_nb visuals` needs."""
     other_tokens: bool = False
     """Allow a token set other than the SAE's training one (e.g. CLS tokens for a patch SAE); results are flagged."""
-    almost_dead: float = 1e-7
+    almost_dead: float = ALMOST_DEAD
     """Latents firing on fewer than this fraction of tokens count as almost dead."""
-    dense: float = 1e-2
+    dense: float = DENSE
     """Latents firing on more than this fraction of tokens count as dense."""
     device: str = 'cpu'
     """Where the SAE runs (cpu, cuda)."""
@@ -614,14 +521,14 @@ class EvalPlan:
     layer: int  # evaluated block
     tokens: str  # evaluated token set
     trained_tokens: str  # the token set the SAE was trained on
-    d_sae: int|None  # latents (from the training config; None if unknown)
+    d_sae: int|None  # latents (the SAE's width)
     out: Path  # `<run>/inference/<shards hash>/<key>/`
 
 def plan_eval(run: Path,  # run directory
               md: Metadata,  # metadata of the evaluation shards
               cfg: InferenceConfig,  # the evaluation settings
              ) -> EvalPlan:
-    "Check a run against the shards from its `config.json` (layer, tokens, width) without loading the SAE."
+    "Check a run (`load_run_or_ckpt`: its config and SAE) against the shards (layer, tokens, width) before any work."
     run, shards = Path(run), Path(cfg.data.shards)
     if not run.is_dir():
         raise MissingFileError(f'{run}: run directory not found; pass --run <runs_root>/<run id> of a run trained '
@@ -629,11 +536,8 @@ def plan_eval(run: Path,  # run directory
     if not (run/'sae.safetensors').exists():
         raise MissingFileError(f'{run/"sae.safetensors"}: missing; this run has not finished training '
                                '(re-run the same `saev_nb train` command to resume it)')
-    try: tc = json.loads((run/'config.json').read_text()) if (run/'config.json').exists() else {}
-    except json.JSONDecodeError as e:
-        raise EvalError(f'{run}/config.json: not valid JSON ({e}); restore it from the run') from None
-    td, sae_cfg = tc.get('train_data') or {}, tc.get('sae') or {}
-    trained_layer = td.get('layer')
+    r = load_run_or_ckpt(run)  # on the CPU; its training config (None if no config.json) and the SAE's width
+    trained_layer = r.cfg.train_data.layer if r.cfg is not None else None
     if cfg.data.layer is None and trained_layer is None and len(md.layers) > 1:
         raise EvalError(f'{run}/config.json: names no training layer and the shards recorded {list(md.layers)}; pass '
                         '--data.layer')
@@ -648,7 +552,7 @@ def plan_eval(run: Path,  # run directory
     if layer not in md.layers:
         raise EvalError(f"{shards/'metadata.json'}: layer {layer} was not recorded (layers: {list(md.layers)}); "
                         f"evaluate on shards that recorded it: `saev_nb shards --layers {layer}`")
-    trained_tokens = td.get('tokens', 'content')
+    trained_tokens = r.cfg.train_data.tokens if r.cfg is not None else 'content'
     tokens = cfg.data.tokens or trained_tokens
     if tokens != trained_tokens and not cfg.other_tokens:
         raise EvalError(f'{run}/config.json: the SAE was trained on {trained_tokens} tokens, but --data.tokens is '
@@ -662,27 +566,12 @@ def plan_eval(run: Path,  # run directory
         raise EvalError(f'{shards}: --ignore-labels {" ".join(map(str, cfg.ignore_labels))} but the shards have no '
                         'labels.bin; '
                         'drop --ignore-labels or record shards from a segmentation data set')
-    d_model = sae_cfg.get('d_model')
-    if d_model is not None and md.d_model != int(d_model):
+    if md.d_model != r.sae.d_model:
         raise EvalError(f'{shards/"metadata.json"}: d_model {md.d_model}, but the SAE in {run} takes d_model '
-                        f'{d_model}; '
+                        f'{r.sae.d_model}; '
                         'evaluate on shards recorded from the model the SAE was trained on')
-    d_sae = sae_cfg.get('d_sae') or (int(d_model) * int(sae_cfg.get('exp_factor', 16)) if d_model is not None else None)
     out = run/'inference'/md.hash/inference_key(layer, tokens, cfg.ignore_labels, cfg.almost_dead, cfg.dense)
-    return EvalPlan(run, layer, tokens, trained_tokens, d_sae, out)
-
-def load_run_for_eval(plan: EvalPlan,  # from `plan_eval`
-                      md: Metadata,  # metadata of the evaluation shards
-                      shards: Path,  # the evaluation shard directory (for messages)
-                      device: str = 'cpu',  # where to load the SAE
-                     ) -> tuple[torch.nn.Module, Normalizer|None]:  # (sae, normalizer)
-    "Load a planned run's SAE and normalizer, checking the SAE's width against the shards."
-    sae = load_sae(plan.run/'sae.safetensors', device)
-    if md.d_model != sae.d_model:
-        raise EvalError(f'{Path(shards)/"metadata.json"}: d_model {md.d_model}, but the SAE in {plan.run} takes '
-                        f'd_model {sae.d_model}; '
-                        'evaluate on shards recorded from the model the SAE was trained on')
-    return sae, load_normalizer(plan.run)
+    return EvalPlan(run, layer, tokens, trained_tokens, r.sae.d_sae, out)
 
 # %% ../nbs/06_evaluate.ipynb #3a7c88af
 def _settings(cfg: InferenceConfig, plan: EvalPlan, md: Metadata) -> dict:
@@ -713,7 +602,8 @@ def inference_one(plan: EvalPlan,  # from `plan_eval`
     if (why := is_finished(plan, cfg, md)):
         print(f'{plan.out}: {why}; skipping (pass --force to recompute)', file=sys.stderr)
         return plan.out
-    sae, normalizer = load_run_for_eval(plan, md, shards, cfg.device)
+    r = load_run_or_ckpt(plan.run, cfg.device)  # the SAE and the normalizer it was trained with
+    sae, normalizer = r.sae, r.normalizer
     st = _settings(cfg, plan, md)
     n_sel, n_tokens = st['tokens_per_example'], md.n_examples * st['tokens_per_example']
     data_cfg = OrderedConfig(shards=shards, layer=plan.layer, tokens=plan.tokens, n_threads=cfg.data.n_threads,

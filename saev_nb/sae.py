@@ -308,7 +308,11 @@ def load_sae(fpath: Path|str, device: str='cpu') -> SAE:
         raise MissingFileError(f"{fpath}: no SAE checkpoint here; pass a run directory's sae.safetensors (or a saev "
                                ".pt file)")
     if fpath.suffix != '.safetensors': return load_saev_checkpoint(fpath, device)
-    with safe_open(str(fpath), framework='pt', device=str(device)) as fd:
+    try: fd_ctx = safe_open(str(fpath), framework='pt', device=str(device))
+    except Exception as e:  # safetensors raises its own SafetensorError for a damaged or truncated file
+        raise CheckpointError(f'{fpath}: damaged SAE checkpoint ({str(e)[:80]}); retrain the run (saev_nb train '
+                              f'--restart) or point at another checkpoint') from None
+    with fd_ctx as fd:
         meta = fd.metadata() or {}
         if 'config' not in meta:
             raise CheckpointError(f'{fpath}: safetensors file has no SAE config in its metadata; write it with '

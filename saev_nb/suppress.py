@@ -24,9 +24,9 @@ __all__ = ['FEATURE_COLUMNS', 'CONDITIONS', 'METRICS', 'VERDICTS', 'SuppressErro
            'condition_delta', 'change_counts', 'bootstrap_ratio', 'run_suppression', 'probe_predictor',
            'stream_predictor', 'tail_predictor', 'summarize', 'class_verdicts', 'verdict_sentence', 'plot_suppression',
            'SuppressionResult', 'suppression_tables', 'PlantedStage', 'PlantedSemseg', 'make_planted_semseg',
-           'load_sae_run', 'FeaturesConfig', 'feature_batches', 'no_latent_cause', 'visuals_command', 'next_commands',
-           'ClassLatents', 'find_class_latents', 'count_features', 'features_cli', 'suppression_batches',
-           'SuppressConfig', 'best_probe', 'suppress_experiment', 'suppress_cli']
+           'FeaturesConfig', 'feature_batches', 'no_latent_cause', 'visuals_command', 'next_commands', 'ClassLatents',
+           'find_class_latents', 'count_features', 'features_cli', 'suppression_batches', 'SuppressConfig',
+           'best_probe', 'suppress_experiment', 'suppress_cli']
 
 # %% ../nbs/09_suppress.ipynb #e2a5fd91
 def patch_purity(labels_nhw: torch.Tensor,  # pixel labels at the model geometry, (N, H, W)
@@ -609,33 +609,17 @@ def make_planted_semseg(n_img: int = 200,  # images
 from .data import N_CLASSES
 from .shards import Metadata, open_labels, vit_for_shards, atomic_write
 from .probe import ActsConfig, ImgsConfig, resolve_layer, label_batches, _examples_of, load_probe, ordered_loader
+from .train import Run, load_run_or_ckpt
 
-def load_sae_run(sae_ckpt: Path,  # an SAE checkpoint (`sae.safetensors` in a run directory)
-                 device: str = 'cpu',  # where to put the SAE
-                ) -> tuple[tp.Any, int|None, tp.Any]:  # SAE (eval), training layer (or None), normalizer (or None)
-    "An SAE with the layer it was trained on and the normalizer it expects."
-    from saev_nb.sae import load_sae
-    from saev_nb.loaders import Normalizer
-    sae_ckpt = Path(sae_ckpt)
-    if not sae_ckpt.is_file():
-        raise MissingFileError(f"{sae_ckpt}: no SAE checkpoint; pass --sae-ckpt <runs_root>/<run id>/sae.safetensors "
-                               "of a run trained with `saev_nb train`")
-    sae = load_sae(sae_ckpt, device).eval()
-    cfg_fpath = sae_ckpt.parent/'config.json'
-    td = json.loads(cfg_fpath.read_text()).get('train_data', {}) if cfg_fpath.is_file() else {}
-    layer, normalizer = td.get('layer'), None
-    if (sae_ckpt.parent/'normalizer.safetensors').is_file():
-        normalizer = Normalizer.from_file(sae_ckpt.parent/'normalizer.safetensors')
-    elif td.get('normalize'): normalizer = Normalizer.load(Path(td['shards']), td['layer'], td.get('tokens', 'content'))
-    return sae, layer, normalizer
-
-def _sae_layer(md: Metadata, acts: ActsConfig, trained_layer: int|None, sae) -> int:
+def _sae_layer(md: Metadata, acts: ActsConfig, run: Run) -> int:
+    "The block to read: `acts.layer`, else the run's training layer; checked against the run and the shards."
+    trained_layer = run.cfg.train_data.layer if run.cfg is not None else None
     layer = resolve_layer(md, acts.layer if acts.layer is not None else trained_layer, acts.shard_root)
     if trained_layer is not None and layer != trained_layer:
         raise SuppressError(f"{acts.shard_root}: reading layer {layer} but the SAE was trained on layer "
                             f"{trained_layer}; pass --acts.layer {trained_layer}")
-    if md.d_model != sae.d_model:
-        raise SuppressError(f"{acts.shard_root}: d_model={md.d_model} but the SAE expects {sae.d_model}; "
+    if md.d_model != run.sae.d_model:
+        raise SuppressError(f"{acts.shard_root}: d_model={md.d_model} but the SAE expects {run.sae.d_model}; "
                             "use shards of the model the SAE was trained on")
     return layer
 
@@ -764,9 +748,10 @@ def find_class_latents(cfg: FeaturesConfig,  # SAE, shards, images and selection
                       ) -> ClassLatents:
     "One ordered pass over a shard set: F1 of every latent for every class; top k per class to `<out>/features/`."
     from safetensors.torch import save_file, load_file
-    sae, trained, normalizer = load_sae_run(cfg.sae_ckpt, cfg.device)
+    run = load_run_or_ckpt(cfg.sae_ckpt, cfg.device)
+    sae, normalizer = run.sae, run.normalizer
     md = Metadata.load(cfg.acts.shard_root)
-    layer = _sae_layer(md, cfg.acts, trained, sae)
+    layer = _sae_layer(md, cfg.acts, run)
     dpath = cfg.out/'features'
     fpath, stats_fpath = dpath/'features.csv', dpath/'latent-stats.safetensors'
     settings = {'sae': _stamp(cfg.sae_ckpt), 'shards': md.hash, 'layer': layer, 'k': cfg.k, 'purity': cfg.purity,
@@ -798,9 +783,10 @@ def find_class_latents(cfg: FeaturesConfig,  # SAE, shards, images and selection
 
 def count_features(cfg: FeaturesConfig, progress: bool = True) -> tuple[F1Counts, list[str], int]:
     "F1 counts of every latent and class over a shard set (purity-filtered), the class names and the layer."
-    sae, trained, normalizer = load_sae_run(cfg.sae_ckpt, cfg.device)
+    run = load_run_or_ckpt(cfg.sae_ckpt, cfg.device)
+    sae, normalizer = run.sae, run.normalizer
     md = Metadata.load(cfg.acts.shard_root)
-    layer = _sae_layer(md, cfg.acts, trained, sae)
+    layer = _sae_layer(md, cfg.acts, run)
     batches, n_batches, names = feature_batches(cfg, md, layer)
     return f1_counts(batches, sae, N_CLASSES, cfg.thresholds, normalizer, cfg.device, progress, n_batches), names, layer
 
@@ -923,9 +909,10 @@ def suppress_experiment(cfg: SuppressConfig,  # SAE, shards, probe, features and
                        ) -> SuppressionResult:
     "Run every class's conditions on a shard set; write the tables, verdicts and plot to `<out>/suppress/`."
     from safetensors.torch import load_file
-    sae, trained, normalizer = load_sae_run(cfg.sae_ckpt, cfg.device)
+    run = load_run_or_ckpt(cfg.sae_ckpt, cfg.device)
+    sae, normalizer = run.sae, run.normalizer
     md = Metadata.load(cfg.acts.shard_root)
-    layer = _sae_layer(md, cfg.acts, trained, sae)
+    layer = _sae_layer(md, cfg.acts, run)
     probe_fpath = cfg.probe or best_probe(cfg.out)
     probe, pmeta = load_probe(probe_fpath, cfg.device)
     probe_layer = int(pmeta.get('layer', layer))

@@ -7,7 +7,8 @@ import scipy.sparse as sp
 import torch
 
 from saev_nb.data import UserError
-from saev_nb.evaluate import Metrics, TokenActs, csr_topk, example_max, merge_moments, pareto_mask, plot_latent_hists, plot_pareto
+from saev_nb.evaluate import TokenActs, csr_topk, example_max, pareto_mask, plot_latent_hists, plot_pareto
+from saev_nb.train import Metrics, merge_moments
 
 
 def _batches(n, size, *ts):

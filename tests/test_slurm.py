@@ -122,16 +122,32 @@ def test_inference_through_slurm(slurm, data, tmp_path):
 
 
 def test_failing_job_is_one_line_with_job_id_and_log(slurm, data, tmp_path):
-    "A run whose checkpoint is damaged passes the checks before submission and fails inside its Slurm job."
+    "Shards with a NaN pass every check before submission; the trainer meets it inside its Slurm job."
+    import numpy as np
+    from saev_nb.shards import Metadata
+    bad_sh = tmp_path / 'bad' / data['train'].name
+    shutil.copytree(data['train'], bad_sh)
+    md = Metadata.load(bad_sh)
+    acts = np.memmap(bad_sh / 'acts000000.bin', dtype=np.float32, mode='r+', shape=md.shard_shape)
+    acts[:, md.layers.index(3), 1:, :] = np.nan; acts.flush(); del acts
+    r = cli('train', '--runs-root', tmp_path / 'runs', '--train-data.shards', bad_sh, '--train-data.layer', 3,
+            '--train-data.batch-size', 512, '--val-data.shards', data['val'], '--val-data.layer', 3,
+            '--val-data.batch-size', 512, '--sae.d-model', 128, '--sae.d-sae', 256, '--n-train', 6144, '--n-val', 1024,
+            '--n-lr-warmup', 2, '--log-to', tmp_path / 'logs', '--wait', *ACCT, check=False)
+    lines = r.stderr.strip().splitlines()  # the submission line (a log), then the error as one line
+    assert r.returncode == 2 and 'Traceback' not in r.stderr and lines[0].startswith('submitted 1 Slurm job'), r.stderr
+    assert len(lines) == 2 and lines[1].startswith('saev_nb train: job '), r.stderr
+    m = re.search(r'job (\d+) failed .*non-finite activations.*; log: (\S+)$', lines[1])
+    assert m, lines[1]
+    log = Path(m.group(2))
+    assert log.is_file() and log.name.startswith(m.group(1)) and 'NonFiniteError' in log.read_text()
+
+def test_damaged_checkpoint_is_refused_before_submission(slurm, data, tmp_path):
+    "A damaged SAE checkpoint is one line before anything is submitted (checks before work)."
     bad = tmp_path / 'damaged_run'
     shutil.copytree(data['runs'][0], bad, ignore=shutil.ignore_patterns('inference'))
     (bad / 'sae.safetensors').write_bytes(b'not a safetensors file')
     r = cli('inference', '--run', bad, '--data.shards', data['val'], '--log-to', tmp_path / 'logs', '--wait', *ACCT, check=False)
-    lines = r.stderr.strip().splitlines()  # the submission line (a log), then the error as one line
-    assert r.returncode == 2 and 'Traceback' not in r.stderr and lines[0].startswith('submitted 1 Slurm job'), r.stderr
-    assert len(lines) == 2 and lines[1].startswith('saev_nb inference: job '), r.stderr
-    line = lines[1]
-    m = re.search(r'job (\d+) failed .*; log: (\S+)$', line)
-    assert m, line
-    log = Path(m.group(2))
-    assert log.is_file() and log.name.startswith(m.group(1)) and 'sae.safetensors' in log.read_text()
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and 'sae.safetensors: damaged SAE checkpoint' in lines[0], r.stderr
+    assert 'submitted' not in r.stderr

@@ -98,3 +98,29 @@ def test_submitit_local_executor(tmp_path):
                       runs_root=tmp_path/'runs', executor='local', log_to=tmp_path/'logs')
     (run,) = train(cfg, progress=False)
     assert (run/'eval.json').exists()
+
+def test_eval_json_agrees_with_inference_metrics(tmp_path):
+    """The trainer's eval.json and `saev_nb inference`'s metrics.json come from one `Metrics`: on the same tokens (every
+    validation token, once) with the same normalizer they agree, though the trainer reads them shuffled."""
+    from helpers import cli
+    from saev_nb.shards import make_random_shards
+    tr_sh = _shards(tmp_path)
+    val_sh = make_random_shards(tmp_path/'val', n_examples=48, layers=(0, 1), d_model=32, content_tokens=16, seed=5)
+    r = cli('train', '--runs-root', tmp_path/'runs', '--train-data.shards', tr_sh, '--train-data.layer', 1,
+            '--train-data.batch-size', 128, '--train-data.scale-mean', '--train-data.scale-norm',
+            '--val-data.shards', val_sh, '--val-data.layer', 1, '--val-data.batch-size', 256,
+            '--sae.d-model', 32, '--sae.exp-factor', 4, '--lr', '4e-3', '--n-train', 4096, '--n-val', 10**6,
+            'sae.activation:topk', '--sae.activation.top-k', 4)
+    run = Path(r.stdout.strip().splitlines()[-1])
+    assert (run/'normalizer.safetensors').is_file()
+    ev = json.loads((run/'eval.json').read_text())
+    out = Path(cli('inference', '--run', run, '--data.shards', val_sh, '--data.batch-size', 256).stdout.strip())
+    assert out.parent.parent == run/'inference' and out.name == 'layer1-content'
+    m = json.loads((out/'metrics.json').read_text())
+    assert ev['n_tokens'] == m['n_tokens'] == 48 * 16  # --n-val is capped at one epoch: every validation token once
+    assert json.loads((out/'config.json').read_text())['normalized']
+    assert ev['nmse'] == pytest.approx(m['normalized_mse'], rel=1e-9) and 0 < ev['nmse'] < 2
+    assert ev['mse'] == pytest.approx(m['mse_per_dim'], rel=1e-9)
+    assert ev['l0'] == pytest.approx(m['l0'], rel=1e-9) and ev['l1'] == pytest.approx(m['l1'], rel=1e-9)
+    counts = ('n_dead', 'n_almost_dead', 'n_dense', 'd_sae')
+    assert [ev[k] for k in counts] == [m[k] for k in counts]
