@@ -623,6 +623,12 @@ def _sae_layer(md: Metadata, acts: ActsConfig, run: Run) -> int:
                             "use shards of the model the SAE was trained on")
     return layer
 
+def _open_sae_and_shards(cfg) -> tuple[Run, Metadata, int]:
+    "The run (or bare checkpoint) of `cfg.sae_ckpt`, the metadata of `cfg.acts`, and the checked layer to read."
+    run = load_run_or_ckpt(cfg.sae_ckpt, cfg.device)
+    md = Metadata.load(cfg.acts.shard_root)
+    return run, md, _sae_layer(md, cfg.acts, run)
+
 from .probe import _log, _same_settings  # stderr logging and the finished-step check, shared with the probe steps
 
 def _stamp(fpath: Path) -> list:
@@ -748,10 +754,8 @@ def find_class_latents(cfg: FeaturesConfig,  # SAE, shards, images and selection
                       ) -> ClassLatents:
     "One ordered pass over a shard set: F1 of every latent for every class; top k per class to `<out>/features/`."
     from safetensors.torch import save_file, load_file
-    run = load_run_or_ckpt(cfg.sae_ckpt, cfg.device)
+    run, md, layer = _open_sae_and_shards(cfg)
     sae, normalizer = run.sae, run.normalizer
-    md = Metadata.load(cfg.acts.shard_root)
-    layer = _sae_layer(md, cfg.acts, run)
     dpath = cfg.out/'features'
     fpath, stats_fpath = dpath/'features.csv', dpath/'latent-stats.safetensors'
     settings = {'sae': _stamp(cfg.sae_ckpt), 'shards': md.hash, 'layer': layer, 'k': cfg.k, 'purity': cfg.purity,
@@ -783,10 +787,8 @@ def find_class_latents(cfg: FeaturesConfig,  # SAE, shards, images and selection
 
 def count_features(cfg: FeaturesConfig, progress: bool = True) -> tuple[F1Counts, list[str], int]:
     "F1 counts of every latent and class over a shard set (purity-filtered), the class names and the layer."
-    run = load_run_or_ckpt(cfg.sae_ckpt, cfg.device)
+    run, md, layer = _open_sae_and_shards(cfg)
     sae, normalizer = run.sae, run.normalizer
-    md = Metadata.load(cfg.acts.shard_root)
-    layer = _sae_layer(md, cfg.acts, run)
     batches, n_batches, names = feature_batches(cfg, md, layer)
     return f1_counts(batches, sae, N_CLASSES, cfg.thresholds, normalizer, cfg.device, progress, n_batches), names, layer
 
@@ -909,10 +911,8 @@ def suppress_experiment(cfg: SuppressConfig,  # SAE, shards, probe, features and
                        ) -> SuppressionResult:
     "Run every class's conditions on a shard set; write the tables, verdicts and plot to `<out>/suppress/`."
     from safetensors.torch import load_file
-    run = load_run_or_ckpt(cfg.sae_ckpt, cfg.device)
+    run, md, layer = _open_sae_and_shards(cfg)
     sae, normalizer = run.sae, run.normalizer
-    md = Metadata.load(cfg.acts.shard_root)
-    layer = _sae_layer(md, cfg.acts, run)
     probe_fpath = cfg.probe or best_probe(cfg.out)
     probe, pmeta = load_probe(probe_fpath, cfg.device)
     probe_layer = int(pmeta.get('layer', layer))

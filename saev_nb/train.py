@@ -275,9 +275,9 @@ def load_sweep(fpath: Path) -> list[dict]:
 def expand_cfgs(cfg: TrainConfig) -> list[TrainConfig]:
     "The configs of `cfg`'s sweep (or `[cfg]`); grid points that make the same run are kept once, with a warning."
     if cfg.sweep is None: return [cfg]
-    cfgs = {}
-    for d in load_sweep(cfg.sweep): cfgs.setdefault(run_id(c := override(cfg, d, src=str(cfg.sweep))), c)
-    n_grid = len(load_sweep(cfg.sweep))
+    grid, cfgs = load_sweep(cfg.sweep), {}
+    for d in grid: cfgs.setdefault(run_id(c := override(cfg, d, src=str(cfg.sweep))), c)
+    n_grid = len(grid)
     if len(cfgs) < n_grid:
         warnings.warn(f'{cfg.sweep}: {n_grid} grid points make {len(cfgs)} distinct runs (repeated values); training '
                       'each once')
@@ -726,9 +726,9 @@ def fit_group(cfgs: list[TrainConfig], # configs sharing one data pass
                     if tr.step_i > b: continue
                     st = tr.step(x_bd, b)
                     bad = ~torch.isfinite(st['loss']) | ~ok_x
-                    if every_step: bad_at.fill_(b if bool(bad) else -1)
-                    else: bad_at.copy_(torch.where((bad_at < 0) & bad, b, bad_at))
-                    if every_step: check_loss(b)
+                    if every_step:  # CPU: stop at this very step
+                        if bool(bad): bad_at.fill_(b); check_loss(b)
+                    else: bad_at.copy_(torch.where((bad_at < 0) & bad, b, bad_at))  # GPU: record, no host sync
                     if log:
                         check_loss(b)
                         row = _row(tr, x_bd, st, extra)
