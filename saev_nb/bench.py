@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['MATMUL_OPS', 'GPU_CHECKS', 'BENCH_TOOLS', 'BenchShardsConfig', 'bench_shards', 'bench_shards_cli', 'BenchError',
-           'drop_page_cache', 'BenchLoaderConfig', 'bench_loader', 'bench_loader_cli', 'BenchTrainConfig',
-           'bench_train', 'bench_train_cli', 'BenchDeterminismConfig', 'bench_determinism', 'bench_determinism_cli',
-           'gpu_cells', 'gpu_report', 'GpuCellsConfig', 'GpuReportConfig', 'bench_tools_main']
+           'drop_page_cache', 'BenchLoaderConfig', 'ResourceWatch', 'bench_loader', 'bench_loader_cli',
+           'BenchTrainConfig', 'bench_train', 'bench_train_cli', 'BenchDeterminismConfig', 'bench_determinism',
+           'bench_determinism_cli', 'gpu_cells', 'gpu_report', 'GpuCellsConfig', 'GpuReportConfig', 'bench_tools_main']
 
 # %% ../nbs/11_bench.ipynb #e5b31d9d
 import dataclasses, json, shutil, tempfile, time
@@ -155,8 +155,6 @@ class BenchLoaderConfig:
     """Data and shuffle seed."""
     device: str = 'cpu'
     """Where the loaders deliver batches; with `cuda` the pinned host-to-device copy is the baseline."""
-    buffer: bool = True
-    """Also time the shuffled loader's `read='buffer'` path (where the loader has it)."""
     cold: bool = False
     """Drop the page cache (root) before every epoch and compare first epochs: shuffled against ordered."""
     json_fpath: Path | None = None
@@ -167,10 +165,19 @@ def _rate(n_bytes: int, fn, sync=lambda: None) -> float:
     t = time.perf_counter(); fn(); sync()
     return n_bytes / (time.perf_counter() - t) / 1e9
 
-def _bench_data(cfg: BenchLoaderConfig, root: Path) -> tuple[Path, int, float]:
-    "Random float32 shards of `cfg`'s size in `root`: (shards directory, examples, seconds to write)."
+def _bench_data(cfg: BenchLoaderConfig, root: Path) -> tuple[Path, int, float | None]:
+    "Random float32 shards of `cfg`'s size in `root` (reused if complete): (directory, examples, seconds to write)."
+    from saev_nb.shards import Metadata, complete_shards
     tpe, row = cfg.content_tokens + 1, cfg.d_model * 4
     n_ex, eps = max(2, int(cfg.size_gb * 1e9 // (tpe * row))), max(1, int(cfg.shard_gb * 1e9 // (tpe * row)))
+    for md_fpath in sorted(Path(root).glob('*/metadata.json')):  # written before with the same settings: reuse
+        md = Metadata.load(md_fpath.parent)
+        same = (md.family == 'random' and md.layers == (0,) and md.dtype == 'float32' and md.d_model == cfg.d_model
+                and md.content_tokens_per_example == cfg.content_tokens and md.n_examples == n_ex
+                and md.max_tokens_per_shard == eps * tpe and md.data_fields.get('seed') == cfg.seed)
+        if same and complete_shards(md_fpath.parent) == set(range(md.n_shards)):
+            validate_shards(md_fpath.parent, scan='none')
+            return md_fpath.parent, n_ex, None
     t0 = time.perf_counter()
     sd = make_random_shards(root, n_examples=n_ex, layers=(0,), d_model=cfg.d_model, content_tokens=cfg.content_tokens,
                             max_tokens_per_shard=eps * tpe, seed=cfg.seed)
@@ -182,8 +189,75 @@ def _mixing(ex_ids: list, n_ex: int, n_tokens: int, B: int, content_tokens: int,
     ent = float(np.mean([batch_entropy(e, n_ex)[1] for e in full]))
     g = torch.Generator().manual_seed(seed)
     ideal = float(np.mean([batch_entropy(torch.randperm(n_tokens, generator=g)[:B] // content_tokens, n_ex)[1]
-                           for _ in range(len(full))]))
+                           for _ in range(min(len(full), 64))]))  # 64 draws pin the mean down
     return ent, ideal
+
+# %% ../nbs/11_bench.ipynb #2f7a85c5
+class ResourceWatch:
+    "Over a `with` block: this process's peak resident memory, page faults and storage reads, and the machine's swap."
+    def __init__(self, dpath: Path | None = None,  # a file or folder on the storage whose request counts to report
+                 every_s: float = 0.01,  # sampling period of the memory thread
+                ):
+        self.dpath, self.every_s, self.result = dpath, every_s, None
+    @staticmethod
+    def _kb(fpath: str, keys: tuple[str, ...]) -> dict[str, int]:
+        "The `Key: n kB` fields `keys` of a /proc status-like file, in kB."
+        out = {}
+        for line in Path(fpath).read_text().splitlines():
+            k, _, v = line.partition(':')
+            if k in keys: out[k] = int(v.split()[0])
+        return out
+    def _counters(self) -> dict[str, int]:
+        "Cumulative counters: major faults, bytes this process read from storage, swapped pages, device reads."
+        import os, resource
+        io = dict(l.split(': ') for l in Path('/proc/self/io').read_text().splitlines())
+        vm = dict(l.split() for l in Path('/proc/vmstat').read_text().splitlines())
+        c = {'major_faults': resource.getrusage(resource.RUSAGE_SELF).ru_majflt, 'read_bytes': int(io['read_bytes']),
+             'swap_pages': int(vm.get('pswpin', 0)) + int(vm.get('pswpout', 0))}
+        if self.dpath is not None:  # the whole device's reads (other processes' too): field 1 requests, 3 sectors
+            dev = os.stat(self.dpath).st_dev
+            stat = Path(f'/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/stat')
+            if stat.exists():
+                f = stat.read_text().split()
+                c.update(device_reads=int(f[0]), device_read_bytes=int(f[2]) * 512)
+        return c
+    def _sample_once(self):
+        "Update the peaks from one reading."
+        st = self._kb('/proc/self/status', ('RssAnon', 'RssFile'))
+        mi = self._kb('/proc/meminfo', ('MemAvailable', 'SwapTotal', 'SwapFree'))
+        p = self._peak
+        p['rss_anon'] = max(p['rss_anon'], st.get('RssAnon', 0))
+        p['rss_file'] = max(p['rss_file'], st.get('RssFile', 0))
+        p['swap_used'] = max(p['swap_used'], mi.get('SwapTotal', 0) - mi.get('SwapFree', 0))
+        p['mem_available_min'] = min(p['mem_available_min'], mi.get('MemAvailable', 0))
+    def _sample(self):
+        "Sample until stopped."
+        while not self._stop.wait(self.every_s): self._sample_once()
+    def __enter__(self):
+        import threading
+        self._stop, self._c0 = threading.Event(), self._counters()
+        st = self._kb('/proc/self/status', ('RssAnon',))
+        self._peak = {'rss_anon': 0, 'rss_file': 0, 'swap_used': 0, 'mem_available_min': 2 ** 62}
+        self._start_anon, self._t0 = st.get('RssAnon', 0), time.perf_counter()
+        self._thread = threading.Thread(target=self._sample, name='saev-memwatch', daemon=True)
+        self._sample_once(); self._thread.start()
+        return self
+    def __exit__(self, *exc):
+        self._stop.set(); self._thread.join(); self._sample_once()
+        c1, gb = self._counters(), lambda kb: kb * 1024 / 1e9
+        d = {k: c1[k] - self._c0[k] for k in c1}
+        mi = self._kb('/proc/meminfo', ('MemTotal', 'SwapTotal'))
+        self.result = {'seconds': time.perf_counter() - self._t0, 'rss_anon_start_gb': gb(self._start_anon),
+                       'rss_anon_peak_gb': gb(self._peak['rss_anon']), 'rss_file_peak_gb': gb(self._peak['rss_file']),
+                       'major_faults': d['major_faults'], 'read_gb': d['read_bytes'] / 1e9,
+                       'mem_total_gb': gb(mi.get('MemTotal', 0)),
+                       'mem_available_min_gb': gb(self._peak['mem_available_min']),
+                       'swap_total_gb': gb(mi.get('SwapTotal', 0)), 'swap_used_peak_gb': gb(self._peak['swap_used']),
+                       'swap_pages': d['swap_pages']}
+        if 'device_reads' in d:
+            self.result.update(device_reads=d['device_reads'], device_read_gb=d['device_read_bytes'] / 1e9,
+                               device_read_kb=d['device_read_bytes'] / 1024 / max(1, d['device_reads']))
+        return False
 
 # %% ../nbs/11_bench.ipynb #982a5c60
 def _bench_warm(cfg: BenchLoaderConfig, sd: Path, n_ex: int) -> dict:
@@ -219,9 +293,6 @@ def _bench_warm(cfg: BenchLoaderConfig, sd: Path, n_ex: int) -> dict:
     runs = {'ordered': lambda: [None for _ in OrderedLoader(OrderedConfig(shards=sd, layer=0, batch_size=B,
                                                                           n_threads=cfg.n_threads, device=cfg.device))],
             'shuffled': lambda: epoch(dl), 'h2d': lambda: copy_batches(src_pin, dst_dev, non_blocking=cuda)}
-    if cfg.buffer and 'read' in {f.name for f in dataclasses.fields(ShuffledConfig)}:
-        dl_buf = ShuffledLoader(replace(scfg, read='buffer')); epoch(dl_buf)
-        runs['buffer'] = lambda: epoch(dl_buf)
     runs['memcpy_fresh'] = memcpy_fresh  # the page-faulting copy last, far from the next shuffled run
     first_gbs = _rate(n_bytes, lambda: epoch(dl), sync)  # epoch 0 allocates output slots and maps the files
     memcpy = lambda: copy_batches(src_nd, dst)
@@ -247,7 +318,6 @@ def _bench_warm(cfg: BenchLoaderConfig, sd: Path, n_ex: int) -> dict:
          'shuffled_tokens_s': med['shuffled'] * 1e9 / row, 'shuffled_first_epoch_gbs': first_gbs,
          'entropy_normalized': ent, 'ideal_entropy_normalized': ideal, 'entropy_ratio': ent / ideal,
          'ordered_gbs': med['ordered'], 'ordered_ratio': ratio['ordered']}
-    if 'buffer' in runs: r.update(buffer_gbs=med['buffer'], buffer_ratio=ratio['buffer'])
     return {**r, 'rates': rates}
 
 def _bench_cold(cfg: BenchLoaderConfig, sd: Path, n_ex: int) -> dict:
@@ -256,24 +326,39 @@ def _bench_cold(cfg: BenchLoaderConfig, sd: Path, n_ex: int) -> dict:
                           buffer_batches=cfg.buffer_batches, block_examples=cfg.block_examples,
                           block_tokens=cfg.block_tokens, device=cfg.device)
     row, B, sync = cfg.d_model * 4, cfg.batch_size, _sync(cfg.device)
-    rates, ex_ids = {'ordered': [], 'shuffled': []}, []
+    rates, ex_ids, watch = {'ordered': [], 'shuffled': []}, [], {'ordered': [], 'shuffled': []}
     def shuffled_epoch():
         ex_ids.clear()
-        for b in ShuffledLoader(scfg): ex_ids.append(b['example_idx'])
+        for b in ShuffledLoader(scfg): ex_ids.append(b['example_idx'].to(torch.int32))  # small: memory is measured
     odl = lambda: [None for _ in OrderedLoader(OrderedConfig(shards=sd, layer=0, batch_size=B, n_threads=cfg.n_threads,
                                                              device=cfg.device))]
-    n_tokens = ShuffledLoader(scfg).n_tokens
+    dl0 = ShuffledLoader(scfg)
+    n_tokens, release = dl0.n_tokens, getattr(dl0, 'release', None)  # whether consumed windows leave the page cache
     for i in progress_bar(range(cfg.n_repeats), desc='bench loader --cold', leave=False):
         runs = (('ordered', odl), ('shuffled', shuffled_epoch))
         for k, fn in runs[::-1] if i % 2 else runs:  # alternate which goes first: the disk may drift within a round
-            drop_page_cache(); rates[k].append(_rate(n_tokens * row, fn, sync))
+            drop_page_cache()
+            with ResourceWatch(sd) as w: rates[k].append(_rate(n_tokens * row, fn, sync))
+            watch[k].append(w.result)
     ent, ideal = _mixing(ex_ids, n_ex, n_tokens, B, cfg.content_tokens, cfg.seed)
     ratios = np.array(rates['shuffled']) / np.array(rates['ordered'])
-    return {'data_gb': n_tokens * row / 1e9, 'n_tokens': n_tokens, 'n_examples': n_ex, 'device': str(cfg.device),
-            'n_rounds': cfg.n_repeats, 'cold': True, 'cold_shuffled_gbs': float(np.median(rates['shuffled'])),
-            'cold_ordered_gbs': float(np.median(rates['ordered'])), 'cold_ratio': float(np.median(ratios)),
-            'cold_ratio_min': float(ratios.min()), 'cold_ratio_max': float(ratios.max()),
-            'entropy_normalized': ent, 'ideal_entropy_normalized': ideal, 'entropy_ratio': ent / ideal, 'rates': rates}
+    r = {'data_gb': n_tokens * row / 1e9, 'n_tokens': n_tokens, 'n_examples': n_ex, 'device': str(cfg.device),
+         'n_rounds': cfg.n_repeats, 'cold': True, 'cold_shuffled_gbs': float(np.median(rates['shuffled'])),
+         'cold_ordered_gbs': float(np.median(rates['ordered'])), 'cold_ratio': float(np.median(ratios)),
+         'cold_ratio_min': float(ratios.min()), 'cold_ratio_max': float(ratios.max()),
+         'entropy_normalized': ent, 'ideal_entropy_normalized': ideal, 'entropy_ratio': ent / ideal,
+         'shuffled_release': release}
+    med = lambda ws, f: float(np.median([w[f] for w in ws]))
+    for k, ws in watch.items():  # peaks: the largest epoch; counts: the median epoch
+        r.update({f'cold_{k}_rss_anon_gb': max(w['rss_anon_peak_gb'] for w in ws),
+                  f'cold_{k}_rss_file_gb': max(w['rss_file_peak_gb'] for w in ws),
+                  f'cold_{k}_major_faults': int(med(ws, 'major_faults')), f'cold_{k}_read_gb': med(ws, 'read_gb')})
+        if 'device_read_kb' in ws[0]: r[f'cold_{k}_device_read_kb'] = med(ws, 'device_read_kb')
+    ws = watch['ordered'] + watch['shuffled']
+    r.update(rss_anon_start_gb=min(w['rss_anon_start_gb'] for w in ws), mem_total_gb=ws[0]['mem_total_gb'],
+             mem_available_min_gb=min(w['mem_available_min_gb'] for w in ws), swap_total_gb=ws[0]['swap_total_gb'],
+             swap_used_peak_gb=max(w['swap_used_peak_gb'] for w in ws), swap_pages=sum(w['swap_pages'] for w in ws))
+    return {**r, 'rates': rates, 'watch': watch}
 
 def bench_loader(cfg: BenchLoaderConfig) -> dict:
     "Write float32 shards; measure loader GB/s against copies of the same bytes (or cold first epochs), and mixing."
@@ -281,11 +366,29 @@ def bench_loader(cfg: BenchLoaderConfig) -> dict:
     root = Path(cfg.dpath) if cfg.dpath else Path(tempfile.mkdtemp(prefix='saev-bench-loader-'))
     try:
         sd, n_ex, t_write = _bench_data(cfg, root)
-        return {**(_bench_cold if cfg.cold else _bench_warm)(cfg, sd, n_ex), 'write_s': t_write}
+        return {**(_bench_cold if cfg.cold else _bench_warm)(cfg, sd, n_ex), 'write_s': t_write,
+                'data_reused': t_write is None}
     finally:
         if cfg.dpath is None: shutil.rmtree(root, ignore_errors=True)
 
 # %% ../nbs/11_bench.ipynb #b29b6a40
+def _cold_memory_rows(r: dict) -> list[tuple[str, str, str]]:
+    "Rows of the cold table on memory, page faults, swap and storage reads (ordered / shuffled epochs)."
+    two = lambda f, fmt: f"{fmt.format(r[f'cold_ordered_{f}'])} / {fmt.format(r[f'cold_shuffled_{f}'])}"
+    swap = ('none configured (SwapTotal 0)' if r['swap_total_gb'] == 0 else
+            f"{r['swap_used_peak_gb']:.2f} of {r['swap_total_gb']:.1f} GB used, {r['swap_pages']} pages moved")
+    dev = ('' if 'cold_shuffled_device_read_kb' not in r else
+           f"; device read requests of {two('device_read_kb', '{:.0f}')} KB on average")
+    peak = max(r['cold_ordered_rss_anon_gb'], r['cold_shuffled_rss_anon_gb'])
+    return [('peak RssAnon', f"{peak:.2f} GB",
+             f"anonymous resident, ordered / shuffled {two('rss_anon_gb', '{:.2f}')} GB (at start "
+             f"{r['rss_anon_start_gb']:.2f}); mapped file pages (RssFile) {two('rss_file_gb', '{:.2f}')} GB; "
+             f"least MemAvailable {r['mem_available_min_gb']:.1f} of {r['mem_total_gb']:.1f} GB"),
+            ('major faults, swap', two('major_faults', '{}'), f"major page faults per epoch; swap: {swap}"),
+            ('read from storage', f"{r['cold_shuffled_read_gb']:.2f} GB",
+             f"per epoch, ordered / shuffled {two('read_gb', '{:.2f}')} GB of {r['data_gb']:.2f} GB{dev}"
+             + ('' if r.get('shuffled_release') is None else f"; consumed windows released: {r['shuffled_release']}"))]
+
 def _loader_table(cfg: BenchLoaderConfig, r: dict) -> list[tuple[str, str, str]]:
     "Rows (measurement, value, note) of the printed loader table."
     if r.get('cold'):
@@ -294,7 +397,8 @@ def _loader_table(cfg: BenchLoaderConfig, r: dict) -> list[tuple[str, str, str]]
                  f"ratio to ordered {r['cold_ratio']:.2f} "
                  f"(rounds {r['cold_ratio_min']:.2f}-{r['cold_ratio_max']:.2f})"),
                 ('shuffle quality', f"{r['entropy_normalized']:.3f}",
-                 f"ideal uniform sampling {r['ideal_entropy_normalized']:.3f} (ratio {r['entropy_ratio']:.3f})")]
+                 f"ideal uniform sampling {r['ideal_entropy_normalized']:.3f} (ratio {r['entropy_ratio']:.3f})"),
+                *_cold_memory_rows(r)]
     rows = [('memcpy (same bytes)', f"{r['memcpy_gbs']:.2f} GB/s", 'in-memory shard -> reused batch buffer'),
             ('memcpy, fresh dest.', f"{r['memcpy_fresh_gbs']:.2f} GB/s", 'clone into new memory (page faults)'),
             ('device copy', f"{r['h2d_gbs']:.2f} GB/s",
@@ -304,8 +408,6 @@ def _loader_table(cfg: BenchLoaderConfig, r: dict) -> list[tuple[str, str, str]]
              f"{r['shuffled_ratio_min']:.2f}-{r['shuffled_ratio_max']:.2f}), {r['shuffled_ratio_h2d']:.2f} of the "
              f"device copy, {r['shuffled_tokens_s'] / 1e6:.2f} M tokens/s "
              f"(first epoch {r['shuffled_first_epoch_gbs']:.2f})")]
-    if 'buffer_gbs' in r:
-        rows.append(("shuffled, read='buffer'", f"{r['buffer_gbs']:.2f} GB/s", f"ratio {r['buffer_ratio']:.2f}"))
     return rows + [('ordered loader', f"{r['ordered_gbs']:.2f} GB/s", f"ratio {r['ordered_ratio']:.2f}"),
                    ('shuffle quality', f"{r['entropy_normalized']:.3f}",
                     f"ideal uniform sampling {r['ideal_entropy_normalized']:.3f} (ratio {r['entropy_ratio']:.3f})")]
@@ -342,6 +444,8 @@ class BenchTrainConfig:
     """Autocast dtype (bfloat16 for GPUs); the matmul peak is then measured in bf16."""
     tf32: bool = True
     """Allow TF32 on CUDA."""
+    compile: bool = False
+    """Train with `TrainConfig.compile` (torch.compile of each step's forward and loss); compiled before timing."""
     step: bool = True
     """Time one SAE's step, the loop of `n_saes` SAEs and the bare matmuls."""
     bmm: bool = True
@@ -352,6 +456,10 @@ class BenchTrainConfig:
     """Steps of each tiny-SAE run."""
     profile: bool = True
     """Profile the loop of `n_saes` SAEs: matmul share and non-matmul fraction of a step."""
+    compare: bool = False
+    """Also profile that loop with plain autograd, `relu_l1` and compiled losses, interleaved in `n_rounds` rounds."""
+    n_rounds: int = 3
+    """Rounds of the comparison."""
     e2e_gb: float = 0.0
     """If > 0: train one SAE end to end through the shuffled loader over random shards of this many GB."""
     e2e_tokens: int = 20_000_000
@@ -407,6 +515,36 @@ def _matmul_share(fn, n: int, device: str) -> tuple[float, float]:
     mm_us = sum(getattr(e, key) for e in prof.key_averages() if e.key in MATMUL_OPS)
     return wall / n, mm_us / 1e6 / n
 
+# %% ../nbs/11_bench.ipynb #45cc10a8
+import functools
+from .sae import sae_loss
+
+def _compare_steps(trs: list,  # trainers of the loop (their `loss_fn` is swapped, then restored)
+                   x_bd: torch.Tensor,  # the batch every step trains on
+                   n_steps: int,  # profiled loops per round and variant
+                   n_rounds: int,  # rounds; each runs every variant once, in a rotated order
+                   device: str) -> dict:
+    "Median step time and non-matmul fraction of the loop with plain autograd, `relu_l1` and compiled, interleaved."
+    fns = {'plain': functools.partial(sae_loss, fused=False), 'fused': sae_loss, 'compiled': torch.compile(sae_loss)}
+    keep, names, runs = [tr.loss_fn for tr in trs], list(fns), {k: [] for k in fns}
+    loop = lambda: [tr.step(x_bd, 0) for tr in trs]
+    try:
+        for r in range(n_rounds):  # a busy moment of a shared machine hits every variant of a round alike
+            for k in names[r % 3:] + names[:r % 3]:
+                for tr in trs: tr.loss_fn = fns[k]
+                t_call, t_mm = _matmul_share(loop, n_steps, device)  # its warm-up call compiles
+                runs[k].append((t_call, 1 - t_mm / t_call))
+    finally:
+        for tr, fn in zip(trs, keep): tr.loss_fn = fn
+    res = {}
+    for k, v in runs.items():
+        t, frac = np.array(v).T
+        res.update({f'{k}_step_s': float(np.median(t)), f'{k}_non_matmul_fraction': float(np.median(frac)),
+                    f'{k}_non_matmul_fraction_min': float(frac.min()),
+                    f'{k}_non_matmul_fraction_max': float(frac.max()),
+                    f'{k}_sae_tokens_per_s': len(x_bd) * len(trs) / float(np.median(t))})
+    return res
+
 # %% ../nbs/11_bench.ipynb #9bfdedf8
 def _tiny_fit(cfg: BenchTrainConfig, n_saes: int) -> float:
     "Seconds per step of `fit_group` training `n_saes` tiny SAEs (d=16, s=32, batch 16) on in-memory data."
@@ -460,7 +598,8 @@ def bench_train(cfg: BenchTrainConfig) -> dict:
     "Tokens/s, achieved vs matmul FLOP/s, per-SAE cost of `n_saes` SAEs, fixed overhead, matmul share, end to end."
     if cfg.device.startswith('cuda'): torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
     d, s, B, dev = cfg.d_model, cfg.d_model * cfg.exp_factor, cfg.batch_size, cfg.device
-    res = dict(device=dev, shape=f'd={d} s={s} B={B}', amp=cfg.amp, n_saes=cfg.n_saes, threads=torch.get_num_threads())
+    res = dict(device=dev, shape=f'd={d} s={s} B={B}', amp=cfg.amp, compile=cfg.compile, n_saes=cfg.n_saes,
+               threads=torch.get_num_threads())
     if cfg.step or cfg.profile:
         mm_dtype = torch.bfloat16 if cfg.amp == 'bfloat16' else torch.float32
         x, W = torch.randn(B, d, device=dev, dtype=mm_dtype), torch.randn(d, s, device=dev, dtype=mm_dtype)
@@ -471,7 +610,7 @@ def bench_train(cfg: BenchTrainConfig) -> dict:
         flops = 12 * d * s * B
         tcfg = TrainConfig(train_data=ShuffledConfig(batch_size=B), val_data=ShuffledConfig(),
                            sae=SAEConfig(d_model=d, exp_factor=cfg.exp_factor), objective=Vanilla(), device=dev,
-                           amp=cfg.amp, n_lr_warmup=0)
+                           amp=cfg.amp, n_lr_warmup=0, compile=cfg.compile)
         xb = torch.randn(B, d, device=dev)
         trs = [SAETrainer(replace(tcfg, seed=i), 10 ** 6) for i in range(cfg.n_saes)]
         loop = lambda: [tr.step(xb, 0) for tr in trs]
@@ -483,6 +622,7 @@ def bench_train(cfg: BenchTrainConfig) -> dict:
         if cfg.profile:
             t_call, t_in_mm = _matmul_share(loop, cfg.n_steps, dev)
             res.update(profiled_step_s=t_call, matmul_share=t_in_mm / t_call, non_matmul_fraction=1 - t_in_mm / t_call)
+        if cfg.compare: res.update(_compare_steps(trs, xb, cfg.n_steps, cfg.n_rounds, dev))
         del trs, xb
         if cfg.bmm and cfg.step:
             t_bmm1 = _timeit(_stacked_step(cfg, 1), cfg.n_steps, dev)

@@ -10,11 +10,12 @@ import tyro
 
 from .data import UserError
 
-class UsageError(UserError):
-    "The command line names no known command."
-
 # %% auto #0
 __all__ = ['COMMANDS', 'GROUPS', 'UsageError', 'resolve', 'load_command', 'usage', 'main']
+
+# %% ../nbs/10_cli.ipynb #53d843df
+class UsageError(UserError):
+    "The command line names no known command."
 
 # %% ../nbs/10_cli.ipynb #9548bd44
 COMMANDS: dict[str, tuple[str, str]] = {  # command words -> (module:function, one-line description)

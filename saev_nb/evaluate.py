@@ -17,21 +17,22 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from .data import UserError, MissingFileError, progress_bar
-from .shards import Metadata, ShardError, atomic_write, vit_for_shards
-from .loaders import OrderedConfig, OrderedLoader, Normalizer, Tokens
+from .shards import Metadata, ShardError, Tokens, atomic_write
+from .loaders import OrderedConfig, OrderedLoader, Normalizer
 from .sae import load_sae
-from .train import load_run_or_ckpt, Metrics, merge_moments, ALMOST_DEAD, DENSE
+from .train import load_run_or_ckpt, load_run_config, cfg_to_dict, Metrics, merge_moments, ALMOST_DEAD, DENSE
 from .shards import disk_full_errors, slurm_executor, submitted, wait_jobs
-
-class EvalError(UserError, ValueError):
-    "Evaluation input is inconsistent; the message names the file and the fix."
 
 # %% auto #0
 __all__ = ['EvalError', 'TokenActs', 'csr_topk', 'example_max', 'pareto_mask', 'plot_pareto', 'plot_latent_hists', 'row_of',
            'keep_mask', 'evaluate_batches', 'json_safe', 'inference_key', 'inference_dirs', 'save_inference',
            'load_inference', 'swept_columns', 'swept_label', 'collect_runs', 'plot_sweep_hists', 'PlotsConfig',
-           'eval_title', 'plots', 'plots_cli', 'EvalDataConfig', 'InferenceConfig', 'resolve_eval_layer', 'EvalPlan',
-           'plan_eval', 'is_finished', 'inference_one', 'inference_mem_gb', 'inference', 'inference_cli']
+           'eval_title', 'plots', 'plots_cli', 'EvalDataConfig', 'InferenceConfig', 'EvalPlan', 'plan_eval',
+           'is_finished', 'inference_one', 'inference_mem_gb', 'inference', 'inference_cli']
+
+# %% ../nbs/06_evaluate.ipynb #2051f236
+class EvalError(UserError, ValueError):
+    "Evaluation input is inconsistent; the message names the file and the fix."
 
 # %% ../nbs/06_evaluate.ipynb #9ee9d658
 class TokenActs:
@@ -320,9 +321,9 @@ def collect_runs(runs: tp.Sequence[Path],  # run directories, or folders of run 
     "Table of every finished evaluation under `runs`; a run without one falls back to its trainer's `eval.json`."
     rows, skipped = [], skipped if skipped is not None else []
     for run in _run_dirs(runs):
-        try: train_cfg = json.loads((run/'config.json').read_text()) if (run/'config.json').exists() else {}
-        except json.JSONDecodeError: skipped.append((run, 'config.json is damaged')); continue
-        cfg_cols = _flatten(train_cfg, 'cfg.')
+        try: train_cfg = load_run_config(run) if (run/'config.json').exists() else None
+        except UserError as e: skipped.append((run, f'config.json is damaged ({e})')); continue
+        cfg_cols = _flatten(cfg_to_dict(train_cfg), 'cfg.') if train_cfg is not None else {}
         dirs = inference_dirs(run)
         for d in dirs:
             try: m, info = json.loads((d/'metrics.json').read_text()), json.loads((d/'config.json').read_text())
@@ -339,11 +340,13 @@ def collect_runs(runs: tp.Sequence[Path],  # run directories, or folders of run 
         if (run/'eval.json').exists():
             try: ev = json.loads((run/'eval.json').read_text())
             except json.JSONDecodeError: skipped.append((run, 'eval.json is damaged and no inference ran')); continue
-            vd = train_cfg.get('val_data', {})
-            vs = Path(vd.get('shards', '?')).name
+            vd = train_cfg.val_data if train_cfg is not None else None
+            vs, v_layer = (Path(vd.shards).name, vd.layer) if vd is not None else ('?', None)
             rows.append(dict(run=run.name,
-                             evaluated=f"{vs[:8]}, layer {vd.get('layer', '?')}, trainer's validation (eval.json)",
-                             key='trainer-val', shards=vs, shards_path=vd.get('shards', ''), layer=vd.get('layer'),
+                             evaluated=f"{vs[:8]}, layer {'?' if v_layer is None else v_layer}, trainer's validation "
+                                       "(eval.json)",
+                             key='trainer-val', shards=vs, shards_path=str(vd.shards) if vd is not None else '',
+                             layer=v_layer,
                              source='eval.json',
                              normalized_mse=ev.get('nmse'), **{k: v for k,
                                                                v in ev.items() if k != 'nmse'}, **cfg_cols, path=''))
@@ -499,21 +502,6 @@ class InferenceConfig:
             object.__setattr__(self, 'data', EvalDataConfig(d.shards, d.layer, d.tokens, d.batch_size, d.n_threads))
 
 # %% ../nbs/06_evaluate.ipynb #1109c330
-def resolve_eval_layer(md: Metadata,  # metadata of the evaluation shards
-                       layer: int,  # block index; negative counts back from the model's last block
-                       shards: Path|str = '',  # the shard directory (for messages)
-                      ) -> int:  # a non-negative block index
-    "A block index as `saev_nb shards --layers` resolves it (the recording model's `resolve_layers`)."
-    if layer >= 0: return int(layer)
-    try: vit = vit_for_shards(md, geometry_only=True)
-    except UserError:
-        vit = None  # no model behind these shards (e.g. generated ones): count back over the recorded blocks
-    if vit is not None: return vit.resolve_layers([layer])[0]
-    if -len(md.layers) <= layer: return md.layers[layer]
-    raise EvalError(f"{Path(shards)/'metadata.json'}: layer {layer} is out of range for the recorded layers "
-                    f"{list(md.layers)}; "
-                    "pass one of them")
-
 @dataclass(frozen=True)
 class EvalPlan:
     "What one run's evaluation reads and where it writes, checked before any work."
@@ -543,15 +531,12 @@ def plan_eval(run: Path,  # run directory
                         '--data.layer')
     asked = (cfg.data.layer if cfg.data.layer is not None else
              trained_layer if trained_layer is not None else md.layers[-1])
-    layer = resolve_eval_layer(md, asked, shards)
+    layer = md.resolve_layer(asked, '--data.layer')  # negative: as `saev_nb shards --layers` resolved it
     if trained_layer is not None and int(trained_layer) != layer:
         asked = f'{cfg.data.layer} (block {layer})' if cfg.data.layer is not None and cfg.data.layer < 0 else f'{layer}'
         raise EvalError(f'{run}/config.json: the SAE was trained on layer {trained_layer}, but --data.layer is '
                         f'{asked}; '
                         f'pass --data.layer {trained_layer} (and shards that recorded it)')
-    if layer not in md.layers:
-        raise EvalError(f"{shards/'metadata.json'}: layer {layer} was not recorded (layers: {list(md.layers)}); "
-                        f"evaluate on shards that recorded it: `saev_nb shards --layers {layer}`")
     trained_tokens = r.cfg.train_data.tokens if r.cfg is not None else 'content'
     tokens = cfg.data.tokens or trained_tokens
     if tokens != trained_tokens and not cfg.other_tokens:
@@ -559,9 +544,7 @@ def plan_eval(run: Path,  # run directory
                         f'{tokens} '
                         f'(its codes there are out of distribution); pass --data.tokens {trained_tokens}, '
                         'or --other-tokens to evaluate anyway (the results are flagged)')
-    if tokens == 'cls' and not md.cls_token:
-        raise EvalError(f"{shards/'metadata.json'}: cls_token is false, so --data.tokens cls has nothing to read; use "
-                        "content")
+    md.token_span(tokens)  # a token set the shards hold
     if cfg.ignore_labels and not (shards/'labels.bin').exists():
         raise EvalError(f'{shards}: --ignore-labels {" ".join(map(str, cfg.ignore_labels))} but the shards have no '
                         'labels.bin; '
@@ -576,10 +559,10 @@ def plan_eval(run: Path,  # run directory
 # %% ../nbs/06_evaluate.ipynb #3a7c88af
 def _settings(cfg: InferenceConfig, plan: EvalPlan, md: Metadata) -> dict:
     "Everything that changes an evaluation's results (compared when deciding to skip)."
-    n_sel = {'content': md.content_tokens_per_example, 'cls': 1, 'all': md.tokens_per_example}[plan.tokens]
+    tok0, n_sel = md.token_span(plan.tokens)
     return dict(layer=plan.layer, tokens=plan.tokens, ignore_labels=sorted(set(cfg.ignore_labels)),
                 almost_dead=cfg.almost_dead,
-                dense=cfg.dense, tokens_per_example=n_sel, has_cls=plan.tokens in ('cls', 'all') and md.cls_token,
+                dense=cfg.dense, tokens_per_example=n_sel, has_cls=md.cls_token and tok0 == 0,
                 n_examples=md.n_examples)
 
 def is_finished(plan: EvalPlan, cfg: InferenceConfig, md: Metadata) -> str|None:

@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_loaders.ipynb #be68eb25
 from __future__ import annotations
-import collections, dataclasses, json, math, os, queue, shutil, sys, tempfile, threading, time
+import collections, dataclasses, json, math, mmap, os, queue, shutil, sys, tempfile, threading, time, weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,15 +21,15 @@ from .shards import (DTYPES, TORCH_DTYPES, Metadata, ShardError, make_random_sha
                             validate_shards)
 
 # %% auto #0
-__all__ = ['Tokens', 'LoaderError', 'ShardSource', 'IndexedDataset', 'Normalizer', 'ShuffledConfig', 'ShuffledLoader',
-           'batch_entropy', 'OrderedConfig', 'OrderedLoader']
+__all__ = ['LoaderError', 'ShardSource', 'IndexedDataset', 'Normalizer', 'ShuffledConfig', 'ShuffledLoader', 'batch_entropy',
+           'OrderedConfig', 'OrderedLoader', 'ExampleReader']
 
 # %% ../nbs/03_loaders.ipynb #fcae1467
 class LoaderError(UserError, ValueError):
     "A loader request does not fit the shards or the machine (batch size, dtype, device, tokens); says what fits."
 
 # %% ../nbs/03_loaders.ipynb #d645352d
-Tokens = Literal['content', 'cls', 'all']
+from .shards import Tokens  # the token sets live with their resolver, `Metadata.token_span`
 
 class ShardSource:
     "A checked shard directory seen through one layer and one token set: geometry, labels and block reads."
@@ -38,20 +38,9 @@ class ShardSource:
                  tokens: Tokens = 'content'):  # which tokens of each example
         self.dpath = Path(shards)
         self.md = md = validate_shards(self.dpath, scan='none')
-        if layer not in md.layers:
-            hint = ' (negative layers are resolved to block indices when recording: pass those)' if layer < 0 else ''
-            raise ShardError(f"{self.dpath/'metadata.json'}: layer {layer} was not recorded (layers: "
-                             f"{list(md.layers)}){hint}; pick one of those or record it with `saev_nb shards --layers "
-                             f"{layer}`")
-        if tokens not in ('content', 'cls', 'all'):
-            raise LoaderError(f"tokens={tokens!r}: expected 'content', 'cls' or 'all'")
-        if tokens == 'cls' and not md.cls_token:
-            raise ShardError(f"{self.dpath/'metadata.json'}: cls_token is false, so "
-                             "tokens='cls' has nothing to read; use tokens='content'")
+        if (problem := md.layer_problem(layer, 'layer')): raise ShardError(problem)
+        self.tok0, self.n_sel = md.token_span(tokens)
         self.layer, self.tokens, self.layer_i = layer, tokens, md.layers.index(layer)
-        sel = {'content': (int(md.cls_token), md.content_tokens_per_example), 'cls': (0, 1),
-               'all': (0, md.tokens_per_example)}
-        self.tok0, self.n_sel = sel[tokens]
         self.np_dtype, self.torch_dtype = DTYPES[md.dtype], TORCH_DTYPES[md.dtype]
         self.row_bytes = md.d_model * self.np_dtype.itemsize
         self.ex_stride = len(md.layers) * md.tokens_per_example * self.row_bytes  # bytes from one example to the next
@@ -296,35 +285,33 @@ def background(gen_fn,  # called as gen_fn(stop: threading.Event) -> iterator of
             except queue.Empty: th.join(0.05)
 
 # %% ../nbs/03_loaders.ipynb #c6613b1f
-_storage_use_count = getattr(torch._C, '_storage_Use_Count', None)
-def _use_count(t: torch.Tensor) -> int:
-    "References to `t`'s storage (tensors, views, numpy aliases); -1 when torch cannot tell."
-    return _storage_use_count(t.untyped_storage()._cdata) if _storage_use_count else -1
-
 class SlotRing:
-    "Reusable (rows, d) tensors, recycled only when no one else references them."
+    "Reusable (rows, d) tensors, recycled only when no batch handed out of them (nor any view of one) is alive."
     def __init__(self, shape: tuple[int, int],  # slot shape
                  dtype: torch.dtype,  # slot dtype
                  n: int = 4,  # slots kept
                  pin: bool = False):  # page-locked memory (for non-blocking GPU copies)
         self.shape, self.dtype, self.n, self.pin = shape, dtype, n, pin
-        self.slots, self.i, self.n_alloc = [], 0, 0
-    def _new(self):
+        self.slots, self.i, self.n_alloc = [], -1, 0  # slot: [memory, weakref to the view handed out, CUDA event]
+    def _new(self) -> list:
         t = torch.empty(self.shape, dtype=self.dtype, pin_memory=self.pin)
         self.n_alloc += 1
-        return [t, _use_count(t), None]  # tensor, baseline use count, pending CUDA event
+        return [(t.view(torch.uint16) if t.dtype == torch.bfloat16 else t).numpy(), None, None]  # keeps `t` alive
     def get(self) -> torch.Tensor:
         "A slot free for writing."
-        if len(self.slots) < self.n: self.slots.append(self._new()); return self.slots[-1][0][:]
         self.i = (self.i + 1) % self.n
+        if self.i == len(self.slots): self.slots.append(self._new())
         s = self.slots[self.i]
         if s[2] is not None: s[2].synchronize(); s[2] = None
-        if s[1] < 0 or _use_count(s[0]) != s[1]: s = self.slots[self.i] = self._new()
-        return s[0][:]  # a view: while it (or any view of it) lives, the storage count stays above baseline
+        if s[1] is not None and s[1]() is not None: s = self.slots[self.i] = self._new()  # still held: let it go
+        v = s[0][:]  # a fresh numpy view: the tensor's storage, and so every view or alias of it, keeps `v` alive
+        s[1] = weakref.ref(v)
+        t = torch.from_numpy(v)
+        return t.view(torch.bfloat16) if self.dtype == torch.bfloat16 else t
     def record(self, t: torch.Tensor, event):
         "Remember the CUDA event behind an async copy out of slot `t`."
         for s in self.slots:
-            if s[0].data_ptr() == t.data_ptr(): s[2] = event
+            if s[0].ctypes.data == t.data_ptr(): s[2] = event
 
 def _check_device(device: str) -> torch.device:
     d = torch.device(device)
@@ -405,16 +392,16 @@ class ShuffledConfig:
     ignore_labels: tuple[int, ...] = ()
     """Skip patches whose `labels.bin` label is in this list (e.g. 0 = background)."""
     n_threads: int = 2
-    """Reader threads issuing `preadv`s (with `read='buffer'`)."""
+    """Threads copying each batch's rows out of the mapped shards (`RowGather`)."""
     buffer_batches: int = 16
     """Mixing window, in batches (about two windows are resident at a time)."""
     block_examples: int = 32
     """Consecutive examples per read block."""
     block_tokens: int = 32
     """Consecutive token positions per read block (smaller mixes better, larger reads more sequentially)."""
-    read: Literal['cache', 'buffer'] = 'cache'
-    """`cache`: prefetch blocks into the page cache and gather from the mapped files (one copy); `buffer`: `preadv`
-    into private window buffers (two copies, bounded memory)."""
+    release: bool | None = None
+    """Drop each window's pages from the page cache four windows later, so that data larger than RAM streams without
+    evicting windows prefetched but not yet read (None: when the layer's bytes exceed half the available memory)."""
     drop_last: bool = False
     """Drop an epoch's final partial batch when iterating epochs."""
     dtype: Literal['float32', 'float16', 'bfloat16'] = 'float32'
@@ -429,6 +416,11 @@ class ShuffledConfig:
     """Where batches go; a CUDA device gets pinned slots and non-blocking copies."""
 
 # %% ../nbs/03_loaders.ipynb #f6465ffa
+def _mem_available() -> int:
+    "Bytes of memory available without swapping (`MemAvailable` of /proc/meminfo); a huge number where unknown."
+    try: return next(int(l.split()[1]) * 1024 for l in open('/proc/meminfo') if l.startswith('MemAvailable:'))
+    except (OSError, StopIteration, ValueError): return 1 << 62
+
 class ShuffledLoader:
     "Shuffled batches of one layer's activations; every kept token exactly once per epoch; seeded; resumable."
     def __init__(self, cfg: ShuffledConfig,  # loader settings
@@ -437,7 +429,6 @@ class ShuffledLoader:
         self.metadata = md = self.src.md
         if cfg.dtype not in TORCH_DTYPES:
             raise LoaderError(f"dtype={cfg.dtype!r}: expected one of {list(TORCH_DTYPES)}")
-        if cfg.read not in ('cache', 'buffer'): raise LoaderError(f"read={cfg.read!r}: expected 'cache' or 'buffer'")
         self.blocks = self.src.blocks(cfg.block_examples, cfg.block_tokens)
         keep = None
         if cfg.ignore_labels:
@@ -467,6 +458,9 @@ class ShuffledLoader:
             self.normalizer = Normalizer.load_or_fit(cfg.shards, cfg.layer, cfg.tokens)
         self.device = _check_device(cfg.device)
         self.epoch, self.read_bytes, self._cache, self._ring = 0, 0, {}, None
+        self.n_slots = 6  # output slots: the consumer's, two queued, one being queued, two being gathered
+        big = self.src.n_tokens * self.src.row_bytes > _mem_available() // 2
+        self.release = big if cfg.release is None else cfg.release
         self._last_metrics = (time.perf_counter(), 0)
 
     @property
@@ -550,11 +544,23 @@ def check_sizes(self: ShardSource, shards: list[int] | None = None):  # shard in
 def shard_arrays(self: ShardSource) -> list[np.ndarray]:
     "Every shard file as a read-only mapped (examples_per_shard * n_layers * tokens_per_example, d_model) array."
     if not hasattr(self, '_arrays'):
-        shape = (math.prod(self.md.shard_shape[:3]), self.d_model)
-        self._arrays = [np.memmap(fp, dtype=self.np_dtype, mode='r', shape=shape) for fp in self.fpaths]
-    return self._arrays
+        n_rows = math.prod(self.md.shard_shape[:3])
+        maps = [mmap.mmap(self._fd(i), n_rows * self.row_bytes, access=mmap.ACCESS_READ)
+                for i in range(len(self.fpaths))]
+        self._arrays = [np.frombuffer(m, dtype=self.np_dtype).reshape(n_rows, self.d_model) for m in maps], maps
+    return self._arrays[0]
 
-
+@patch
+def release(self: ShardSource, blks: np.ndarray) -> int:
+    "Unmap the whole pages inside the spans of consumed blocks `blks` and drop them from the page cache; bytes freed."
+    sh, off, end = self.spans(blks)
+    self.shard_arrays()
+    lo, hi = -(-off // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE  # pages of no other block
+    for s, a, b in zip(sh.tolist(), lo.tolist(), hi.tolist()):
+        if b <= a: continue
+        self._arrays[1][s].madvise(mmap.MADV_DONTNEED, a, b - a)  # unmapped; the page cache still has them
+        os.posix_fadvise(self._fd(s), a, b - a, os.POSIX_FADV_DONTNEED)  # clean and unmapped: now they can go
+    return int(np.maximum(hi - lo, 0).sum())
 
 # %% ../nbs/03_loaders.ipynb #53b03097
 @patch
@@ -591,7 +597,6 @@ def _plan(self: ShuffledLoader,
           addr_w: np.ndarray,  # row in its shard tensor per window row (`_window_addrs`)
           shards: np.ndarray,  # shards the window touches
           sh_start: np.ndarray,  # window row where each of them starts
-          cache: bool,  # gather from the mapped shards (True) or from a window buffer in window order (False)
          ) -> list[tuple]:
     "Cut `order` into batch chunks: (n rows, metadata, gather indices, [(source, lo, hi)]), rows in window order."
     B = self.cfg.batch_size
@@ -614,49 +619,30 @@ def _plan(self: ShuffledLoader,
         segs_c.append(segs); seg_sh += [s_ for s_, _, _ in segs]; seg_n += [hi - lo for _, lo, hi in segs]
     rows_meta = self.src.row_meta_np(*self._decode(addr, np.repeat(np.array(seg_sh, dtype=np.int64), seg_n)))
     meta = {k: torch.from_numpy(v) for k, v in rows_meta.items()}
-    idx = addr if cache else w_idx
-    return [(c1 - c0, {k: v[c0:c1] for k, v in meta.items()}, idx[c0:c1], segs if cache else [(0, 0, c1 - c0)])
+    return [(c1 - c0, {k: v[c0:c1] for k, v in meta.items()}, addr[c0:c1], segs)
             for c0, c1, segs in zip(bounds[:-1].tolist(), bounds[1:].tolist(), segs_c)]
 
 @patch
-def _read_windows(self: ShuffledLoader, segments, flush_each_epoch: bool, stop: threading.Event,
-                  pool: queue.Queue | None) -> Iterator[tuple]:
-    "Reader thread: (source arrays, the segment's chunks (`_plan`), shards to re-check or None, end_of_epoch, buffer)."
-    src, cfg, have = self.src, self.cfg, 0
-    ex = None
-    if cfg.read == 'buffer' and cfg.n_threads > 1:
-        ex = ThreadPoolExecutor(cfg.n_threads, thread_name_prefix='saev-read')
-    try:
-        for epoch, w, blk_ids, lo, hi, end in segments:
-            blks = self.blocks[np.sort(blk_ids)]  # the window's blocks in file order: its rows lie shard by shard
-            addr_w, shards, sh_start = self._window_addrs(blks)
-            perm = np.random.default_rng([cfg.seed, epoch, w])
-            if self._keep is None: order = perm.permutation(len(addr_w))[lo:hi]
-            else:
-                sh_rows = np.repeat(shards, np.diff(np.append(sh_start, len(addr_w))))
-                rows = np.flatnonzero(self._keep[self._decode(addr_w, sh_rows)])
-                order = rows[perm.permutation(len(rows))][lo:hi]
-            cache = cfg.read == 'cache'
-            plans = self._plan(order, have, addr_w, shards, sh_start, cache)
-            # where the batcher will stand after this segment
-            have = 0 if end and flush_each_epoch else (have + len(order)) % cfg.batch_size
-            if cache:
-                src.check_sizes(); src.prefetch(blks)
-                self.read_bytes += len(addr_w) * src.row_bytes
-                yield src.shard_arrays(), plans, shards.tolist(), end, None
-                continue
-            while True:
-                try: buf = pool.get(timeout=0.05); break
-                except queue.Empty:
-                    if stop.is_set(): return
-            buf_np = as_numpy(buf)
-            offs = np.concatenate([[0], np.cumsum(blks[:, 1] * blks[:, 3])])
-            jobs = [(buf_np[offs[j]:offs[j + 1]], *map(int, blks[j])) for j in range(len(blks))]
-            read = lambda a: src.read_block(*a)
-            self.read_bytes += sum(ex.map(read, jobs) if ex else map(read, jobs))
-            yield [buf_np], plans, None, end, buf
-    finally:
-        if ex is not None: ex.shutdown(wait=True, cancel_futures=True)
+def _read_windows(self: ShuffledLoader, segments, flush_each_epoch: bool) -> Iterator[tuple]:
+    "Reader thread: (the shards' mapped arrays, the segment's chunks (`_plan`), shards to re-check, end_of_epoch)."
+    src, cfg, have, done = self.src, self.cfg, 0, collections.deque()
+    for epoch, w, blk_ids, lo, hi, end in segments:
+        blks = self.blocks[np.sort(blk_ids)]  # the window's blocks in file order: its rows lie shard by shard
+        addr_w, shards, sh_start = self._window_addrs(blks)
+        perm = np.random.default_rng([cfg.seed, epoch, w])
+        if self._keep is None: order = perm.permutation(len(addr_w))[lo:hi]
+        else:
+            sh_rows = np.repeat(shards, np.diff(np.append(sh_start, len(addr_w))))
+            rows = np.flatnonzero(self._keep[self._decode(addr_w, sh_rows)])
+            order = rows[perm.permutation(len(rows))][lo:hi]
+        plans = self._plan(order, have, addr_w, shards, sh_start)
+        have = 0 if end and flush_each_epoch else (have + len(order)) % cfg.batch_size  # where the batcher will stand
+        src.check_sizes(); src.prefetch(blks)
+        if self.release:  # every copy out of the window four back is done (the batcher has taken the one two back)
+            done.append(blks)
+            if len(done) > 4: src.release(done.popleft())
+        self.read_bytes += len(addr_w) * src.row_bytes
+        yield src.shard_arrays(), plans, shards.tolist(), end
 
 # %% ../nbs/03_loaders.ipynb #37d34b4f
 @patch
@@ -666,15 +652,10 @@ def _batches(self: ShuffledLoader, segments, flush_each_epoch: bool, stop: threa
     out_dtype, sto_dtype = TORCH_DTYPES[cfg.dtype], self.src.torch_dtype
     cpu_norm = self.normalizer is not None and self.device.type == 'cpu'
     direct = out_dtype == sto_dtype and not cpu_norm
-    bufs, ring = self._cache.pop('bufs', None), self._cache.pop('ring', None)  # reuse the last iteration's memory
-    if bufs is None:
-        n_buf = 2 if cfg.read == 'buffer' else 0
-        bufs = [torch.empty((self.blocks_per_window * self.block_rows, d), dtype=sto_dtype) for _ in range(n_buf)]
-    if ring is None: ring = SlotRing((B, d), out_dtype, n=5, pin=self.device.type == 'cuda')
+    ring = self._cache.pop('ring', None)  # reuse the last iteration's memory
+    if ring is None: ring = SlotRing((B, d), out_dtype, n=self.n_slots, pin=self.device.type == 'cuda')
     self._ring = ring
     stage = None if direct else torch.empty((B, d), dtype=sto_dtype)
-    pool = queue.Queue()
-    for b in bufs: pool.put(b)
     slot, have, metas, ticket = None, 0, [], None
     def finish(n, slot, metas):
         out = slot[:n]
@@ -688,23 +669,18 @@ def _batches(self: ShuffledLoader, segments, flush_each_epoch: bool, stop: threa
             tk, n, sl, ms = pending.popleft(); tk.wait()
             yield finish(n, sl, ms)
     try:
-        read = lambda st: self._read_windows(segments, flush_each_epoch, st, pool)
-        reader = background(read, depth=1, name='saev-reader')
-        for sources, plans, shards, end, buf in reader:
-            if shards is not None: self.src.check_sizes(shards)  # again before touching the maps: checked a window ago
+        reader = background(lambda st: self._read_windows(segments, flush_each_epoch), depth=1, name='saev-reader')
+        for sources, plans, shards, end in reader:
+            self.src.check_sizes(shards)  # again before touching the maps: checked a window ago
             for take, meta, idx, segs in plans:
                 if slot is None: slot, have, metas, ticket = ring.get(), 0, [], GatherTicket()
                 dst = as_numpy((slot if direct else stage)[have:have + take])
                 gather.submit([(sources[s], idx[a:b], dst[a:b]) for s, a, b in segs], ticket)
-                del dst  # a live numpy alias would keep the ring from recycling the slot
+                del dst  # the copy's views keep the slot held only until the copy is done
                 metas.append(meta); have += take
                 if have == B:
                     pending.append((ticket, B, slot, metas)); slot = None
                     yield from ready(lookahead)
-            if buf is not None:  # the reader may refill this window buffer only once nothing reads from it
-                for tk, *_ in pending: tk.wait()
-                if slot is not None: ticket.wait()
-                pool.put(buf)
             if end and flush_each_epoch and slot is not None:
                 if not cfg.drop_last: pending.append((ticket, have, slot, metas))
                 else: ticket.wait()
@@ -715,7 +691,7 @@ def _batches(self: ShuffledLoader, segments, flush_each_epoch: bool, stop: threa
     finally:
         for tk in [t_[0] for t_ in pending] + ([ticket] if slot is not None else []): tk.cancelled = True
         gather.close()  # no copy into a slot outlives this generator
-    self._cache.update(bufs=bufs, ring=ring)
+    self._cache.update(ring=ring)
 
 # %% ../nbs/03_loaders.ipynb #07f6d5ba
 def deliver(batch: dict,  # a CPU batch whose `acts` is a view of a slot of `ring`
@@ -776,7 +752,7 @@ def batch_entropy(idx: torch.Tensor,  # integer ids in a batch
 def metrics(self: ShuffledLoader, batch: dict) -> dict[str, float]:
     "saev's `loader/*` metrics of one batch, plus MB read (and MB/s) since the previous call."
     md = self.metadata
-    n_tok = {'content': md.content_tokens_per_example, 'cls': 1, 'all': md.tokens_per_example}[self.cfg.tokens]
+    n_tok = md.token_span(self.cfg.tokens)[1]
     he, hen, ce = batch_entropy(batch['example_idx'].cpu(), md.n_examples)
     ht, htn, ct = batch_entropy(batch['token_idx'].cpu(), n_tok)
     t, rb = time.perf_counter(), self.read_bytes
@@ -864,3 +840,37 @@ def __iter__(self: OrderedLoader) -> Iterator[dict]:
     "All tokens once, in storage order."
     for b in background(self._batches, depth=2, name='saev-ordered'):
         yield deliver(b, self.device, self._ring, self.normalizer)
+
+# %% ../nbs/03_loaders.ipynb #46454dee
+class ExampleReader:
+    "Whole examples in storage order: `acts` (n_ex, n_tokens, d), `example_idx` (n_ex,), `labels` (n_ex, n_patches)."
+    def __init__(self, shards: Path,  # shard directory
+                 layer: int,  # recorded block index (one of `metadata.layers`)
+                 tokens: Tokens = 'content',  # token set: `content` (patches), `cls`, or `all` (CLS first)
+                 batch_size: int = 8192,  # tokens per batch, rounded down to whole examples (at least one, at most all)
+                 dtype: Literal['float32', 'float16', 'bfloat16'] = 'float32',  # output dtype of `acts`
+                 n_threads: int = 2,  # reader threads
+                 device: str = 'cpu',  # where batches go
+                 normalizer: Normalizer | None = None):  # applied to every batch
+        src = ShardSource(shards, layer, tokens)  # the token set's width sizes the ordered loader's batches
+        n_sel, n_ex = src.n_sel, max(1, min(batch_size // src.n_sel, src.n_examples))
+        src.close()
+        cfg = OrderedConfig(shards=Path(shards), layer=layer, tokens=tokens, batch_size=n_ex * n_sel, dtype=dtype,
+                            n_threads=n_threads, device=device)
+        self.loader = OrderedLoader(cfg, normalizer)
+        self.src, self.metadata, self.d_model = self.loader.src, self.loader.metadata, self.loader.d_model
+        self.examples_per_batch, self.tokens_per_example = n_ex, n_sel  # of the token set
+    def __len__(self) -> int: return len(self.loader)
+    def __repr__(self): return f"ExampleReader({self.src!r}, {self.examples_per_batch} examples per batch)"
+
+    def __iter__(self) -> Iterator[dict]:
+        "The ordered loader's batches seen as whole examples (views of its slots), with the examples' patch labels."
+        e0, t, d, labels_np = 0, self.tokens_per_example, self.d_model, self.src.labels_np
+        for b in self.loader:
+            acts = b['acts']
+            n = len(acts) // t
+            out = {'acts': acts.view(n, t, d), 'example_idx': torch.arange(e0, e0 + n, device=acts.device)}
+            if labels_np is not None:
+                out['labels'] = torch.from_numpy(labels_np[e0:e0 + n].astype(np.int64)).to(acts.device)
+            e0 += n
+            yield out

@@ -14,7 +14,7 @@ from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['FAMILIES', 'DEFAULT_FAMILY', 'DEFAULT_CKPT', 'TINY_CFG', 'ModelError', 'split_ckpt', 'register_tiny', 'Vit',
-           'seg_transform_like', 'load_vit', 'load_transforms', 'record', 'pixel_to_patch_labels']
+           'geometry_steps', 'seg_transform_like', 'load_vit', 'load_transforms', 'record', 'pixel_to_patch_labels']
 
 # %% ../nbs/01_models.ipynb #103e77ae
 from .data import UserError
@@ -103,22 +103,29 @@ def _label_tensor(img) -> torch.Tensor:
     "PIL 'L' (or P) label image -> uint8 tensor (H, W)."
     return torch.from_numpy(np.array(img, dtype=np.uint8))
 
-_SKIP = ('ToTensor', 'MaybeToTensor', 'Normalize', 'MaybeConvertMode', '_convert_to_rgb', 'convert_to_rgb')
+# steps that change pixel values or types, not where pixels go (open_clip's and timm's preprocessing)
+_NOT_GEOMETRY = ('ToTensor', 'MaybeToTensor', 'PILToTensor', 'ConvertImageDtype', 'Normalize', 'MaybeConvertMode',
+                 '_convert_to_rgb', 'convert_to_rgb')
 
-def seg_transform_like(img_transform):
-    "Label transform with the geometry of `img_transform` (Resize/CenterCrop, NEAREST), giving a uint8 tensor (H, W)."
+def geometry_steps(img_transform,  # a model's preprocessing (torchvision Compose or one transform)
+                  ) -> list:  # its Resize and CenterCrop steps, in order
+    "The geometric steps of an image transform; any step that is neither geometry nor a known value step is an error."
     _, _, T = _libs()
     out = []
     for t in getattr(img_transform, 'transforms', [img_transform]):
         name = getattr(t, '__name__', type(t).__name__)
-        if isinstance(t, T.Resize):
-            out.append(T.Resize(t.size, interpolation=T.InterpolationMode.NEAREST, max_size=t.max_size))
-        elif isinstance(t, T.CenterCrop): out.append(T.CenterCrop(t.size))
-        elif name in _SKIP: continue
-        else:
-            raise ModelError(f"image transform step {name} has no label counterpart; extend `seg_transform_like` for "
-                             "it")
-    return T.Compose(out + [_label_tensor])
+        if isinstance(t, (T.Resize, T.CenterCrop)): out.append(t)
+        elif name not in _NOT_GEOMETRY:
+            raise ModelError(f"image transform step {name} is not a known geometric step (it has no label "
+                             "counterpart); extend `saev_nb.models.geometry_steps` for it")
+    return out
+
+def seg_transform_like(img_transform):
+    "Label transform with the geometry of `img_transform` (Resize/CenterCrop, NEAREST), giving a uint8 tensor (H, W)."
+    _, _, T = _libs()
+    nearest = lambda t: (T.Resize(t.size, interpolation=T.InterpolationMode.NEAREST, max_size=t.max_size)
+                         if isinstance(t, T.Resize) else T.CenterCrop(t.size))
+    return T.Compose([nearest(t) for t in geometry_steps(img_transform)] + [_label_tensor])
 
 # %% ../nbs/01_models.ipynb #9990ac9b
 @contextlib.contextmanager

@@ -17,10 +17,9 @@ from safetensors.torch import load_file, save_file
 # %% auto #0
 __all__ = ['ProbeError', 'ProbeSweepError', 'load_probe_sweep', 'LinearProbes', 'BatchedAdamW', 'train_probes', 'predict_pixels',
            'confusion', 'seg_scores', 'probe_name', 'save_probe', 'load_probe', 'results_frame', 'plot_sweep',
-           'ActsConfig', 'ImgsConfig', 'resolve_layer', 'label_batches', 'pixel_labels', 'ordered_loader',
-           'validate_probes', 'stack_probes', 'ProbeTrainConfig', 'ProbeValidateConfig', 'write_results',
-           'ProbeResults', 'train_probe_sweep', 'probe_train_cli', 'find_probes', 'validate_saved_probes',
-           'probe_validate_cli']
+           'ActsConfig', 'ImgsConfig', 'label_batches', 'pixel_labels', 'validate_probes', 'stack_probes',
+           'ProbeTrainConfig', 'ProbeValidateConfig', 'write_results', 'ProbeResults', 'train_probe_sweep',
+           'probe_train_cli', 'find_probes', 'validate_saved_probes', 'probe_validate_cli']
 
 # %% ../nbs/08_probe.ipynb #866d52dc
 from .data import UserError, MissingFileError, progress_bar
@@ -271,7 +270,7 @@ def plot_sweep(df: pd.DataFrame,  # `results_frame` output
 
 # %% ../nbs/08_probe.ipynb #b4028fe5
 from .data import SegFolder, N_CLASSES
-from .shards import Metadata, open_labels, vit_for_shards
+from .shards import Metadata, Tokens, open_labels, vit_for_shards
 
 @dataclass(frozen=True)
 class ActsConfig:
@@ -288,16 +287,6 @@ class ImgsConfig:
     """ADE20K-layout root (`ADEChallengeData2016`, real or generated)."""
     split: str|None = None
     """Split; default: the split recorded in the shards' metadata, else `validation`."""
-
-def resolve_layer(md: Metadata,  # shard metadata
-                  layer: int|None,  # requested block, None = last recorded
-                  dpath: Path|str = '',  # shard directory, for the message
-                 ) -> int:
-    "The recorded block to read, or a one-line error listing the recorded ones."
-    if layer is None: return md.layers[-1]
-    if layer in md.layers: return layer
-    raise ProbeError(f"{dpath}: layer {layer} was not recorded (recorded: {list(md.layers)}); "
-                     "pass one of those or record it with `saev_nb shards --layers`")
 
 # %% ../nbs/08_probe.ipynb #4d66ad0c
 def _stack_labels(items): return torch.stack([torch.as_tensor(np.asarray(it['labels'])) for it in items])
@@ -336,22 +325,6 @@ def pixel_labels(md: Metadata,  # metadata of the shards being scored
     return labels, names, grid
 
 # %% ../nbs/08_probe.ipynb #64bfdcc1
-def _examples_of(batch: dict, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    "Rows of a whole-example batch rearranged to (E, T, d), and the example ids."
-    ex, tok = batch['example_idx'].long(), batch['token_idx'].long()
-    ids, inv = torch.unique(ex, return_inverse=True)
-    acts_etd = torch.empty(len(ids), n_tokens, batch['acts'].shape[-1], dtype=batch['acts'].dtype)
-    acts_etd[inv, tok] = batch['acts']
-    return acts_etd, ids
-
-def ordered_loader(dpath: Path, layer: int, tokens: str = 'content', batch_size: int = 8192):
-    "An `OrderedLoader` whose batch size is clamped to the data (the batch size is only a memory knob here)."
-    from saev_nb.loaders import OrderedConfig, OrderedLoader
-    md = Metadata.load(dpath)
-    per = md.tokens_per_example if tokens == 'all' else md.content_tokens_per_example
-    bs = max(per, min(batch_size, per * md.n_examples))
-    return OrderedLoader(OrderedConfig(shards=dpath, layer=layer, tokens=tokens, batch_size=bs))
-
 @torch.no_grad()
 def validate_probes(probes: LinearProbes,  # probes reading `acts`
                     acts: ActsConfig,  # validation activations
@@ -362,16 +335,17 @@ def validate_probes(probes: LinearProbes,  # probes reading `acts`
                     progress: bool = True,  # progress bar
                    ) -> tuple[torch.Tensor, list[str]]:  # confusion (n_probes, C, C), class names
     "Pixel-level confusion matrices of every probe on a shard set."
+    from saev_nb.loaders import ExampleReader
     md = Metadata.load(acts.shard_root)
-    layer = resolve_layer(md, acts.layer, acts.shard_root)
+    layer = md.resolve_layer(acts.layer, '--acts.layer')
     labels_nhw, names, grid = pixel_labels(md, imgs, progress=progress)
     size, p, c = tuple(labels_nhw.shape[1:]), probes.n_probes, probes.n_classes
-    dl = ordered_loader(acts.shard_root, layer, 'content', batch_size)
+    dl = ExampleReader(acts.shard_root, layer, 'content', batch_size)
     probes = probes.to(device).eval()
     conf = torch.zeros(p, c, c, dtype=torch.long, device=device)
     per = max(1, max_elems // (c * size[0] * size[1]))  # (probe, example) pairs upsampled at once
     for batch in progress_bar(dl, progress, desc='validate', leave=False):
-        acts_etd, ids = _examples_of(batch, md.content_tokens_per_example)
+        acts_etd, ids = batch['acts'], batch['example_idx']
         e, t, d = acts_etd.shape
         logits_pegc = probes(acts_etd.view(e * t, d).to(device)).view(p, e, t, c)
         lab = labels_nhw[ids].to(device)
@@ -497,7 +471,7 @@ def _check_pair(train_md: Metadata, val_md: Metadata, layer: int, cfg: ProbeTrai
         if getattr(train_md, k) != getattr(val_md, k):
             raise ProbeError(f"{cfg.val_acts.shard_root}: {k} is {getattr(val_md, k)!r} but the training shards have "
                              f"{getattr(train_md, k)!r}; validate on shards recorded from the same model")
-    resolve_layer(val_md, layer, cfg.val_acts.shard_root)
+    val_md.resolve_layer(layer, '--val-acts.layer')
 
 def train_probe_sweep(cfg: ProbeTrainConfig,  # shards, sweep and output folder
                       progress: bool = True,  # progress bars
@@ -507,7 +481,7 @@ def train_probe_sweep(cfg: ProbeTrainConfig,  # shards, sweep and output folder
     hparams = (load_probe_sweep(cfg.sweep, cfg.learning_rate, cfg.weight_decay) if cfg.sweep
                else [{'learning_rate': cfg.learning_rate, 'weight_decay': cfg.weight_decay}])
     md = Metadata.load(cfg.train_acts.shard_root)
-    layer = resolve_layer(md, cfg.train_acts.layer, cfg.train_acts.shard_root)
+    layer = md.resolve_layer(cfg.train_acts.layer, '--train-acts.layer')
     if open_labels(cfg.train_acts.shard_root, md) is None:
         raise MissingFileError(f"{cfg.train_acts.shard_root}/labels.bin: missing; probes need patch labels, "
                                "record the shards from a segmentation data set (data:img-seg-folder)")
@@ -566,8 +540,8 @@ def validate_saved_probes(cfg: ProbeValidateConfig,  # probes, shards and output
     fpaths = find_probes(cfg.ckpts or cfg.out/'checkpoints')
     loaded = [load_probe(f) for f in fpaths]
     md = Metadata.load(cfg.acts.shard_root)
-    layer = resolve_layer(md, cfg.acts.layer if cfg.acts.layer is not None else loaded[0][1].get('layer'),
-                          cfg.acts.shard_root)
+    asked = cfg.acts.layer if cfg.acts.layer is not None else loaded[0][1].get('layer')
+    layer = md.resolve_layer(asked, '--acts.layer')
     for f, (p, meta) in zip(fpaths, loaded):
         if p.d_model != md.d_model:
             raise ProbeError(f"{f}: probe reads d_model={p.d_model} but {cfg.acts.shard_root} has "

@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['Activation', 'ACTIVATIONS', 'Objective', 'OBJECTIVES', 'Relu', 'TopK', 'BatchTopK', 'SAEConfig', 'act_name',
            'sae_cfg_to_dict', 'sae_cfg_from_dict', 'topk_act', 'batch_topk_act', 'jump_relu', 'SAEOutput', 'SAE',
-           'Vanilla', 'Matryoshka', 'sample_prefixes', 'auxk_loss', 'sae_loss', 'save_sae', 'CheckpointError',
-           'load_sae', 'load_saev_checkpoint', 'save_saev_checkpoint']
+           'Vanilla', 'Matryoshka', 'sample_prefixes', 'auxk_loss', 'relu_l1', 'sae_loss', 'save_sae',
+           'CheckpointError', 'load_sae', 'load_saev_checkpoint', 'save_saev_checkpoint']
 
 # %% ../nbs/04_sae.ipynb #7b911ca1
 import dataclasses, json, math, typing
@@ -148,10 +148,15 @@ def activate(self: SAE, h_bs: Tensor) -> Tensor:
     return f_bs
 
 @patch
+def pre_acts(self: SAE, x_bd: Tensor) -> Tensor:
+    "Pre-activations `h_bs = (x_bd [- b_dec]) @ W_enc + b_enc`."
+    if self.cfg.pre_subtract_b_dec: x_bd = x_bd - self.b_dec
+    return torch.addmm(self.b_enc, x_bd, self.W_enc)
+
+@patch
 def encode(self: SAE, x_bd: Tensor) -> tuple[Tensor, Tensor]:
     "Pre-activations `h_x` and sparse codes `f_x` of `x_bd`."
-    if self.cfg.pre_subtract_b_dec: x_bd = x_bd - self.b_dec
-    h_bs = torch.addmm(self.b_enc, x_bd, self.W_enc)
+    h_bs = self.pre_acts(x_bd)
     return h_bs, self.activate(h_bs)
 
 @patch
@@ -238,6 +243,7 @@ def sample_prefixes(d_sae: int, # number of latents
 
 # %% ../nbs/04_sae.ipynb #522bd90e
 @patch
+@torch.compiler.disable  # under torch.compile: runs eagerly, so new prefix lengths each step cause no recompiles
 def decode_prefixes(self: SAE, f_bs: Tensor, prefixes: list[int]) -> Tensor:
     "Reconstructions from each latent prefix: `(B, n_prefixes, d_model)`; the last is the full `decode`."
     bounds = [0] + list(prefixes)
@@ -253,16 +259,37 @@ def auxk_loss(sae: SAE, x_bd: Tensor, h_bs: Tensor, x_hat_bd: Tensor, dead_s: Te
     aux_recon = torch.zeros_like(h_bs).scatter_(-1, idx, vals.relu()) @ sae.W_dec
     return ((aux_recon - (x_bd - x_hat_bd).detach()) ** 2).mean()
 
+# %% ../nbs/04_sae.ipynb #61f895a1
+class _ReluL1(torch.autograd.Function):
+    "Codes `relu(h)` and the L1 term `relu(h).sum(-1).mean()`; the backward is one add and one in-place mask."
+    @staticmethod
+    def forward(ctx, h_bs: Tensor) -> tuple[Tensor, Tensor]:
+        f_bs = h_bs.relu()
+        ctx.save_for_backward(f_bs)
+        return f_bs, f_bs.sum(-1).mean()
+
+    @staticmethod
+    def backward(ctx, grad_f_bs: Tensor, grad_l1: Tensor) -> Tensor:
+        (f_bs,) = ctx.saved_tensors
+        g_bs = grad_f_bs + grad_l1 / f_bs.shape[0]  # d l1 / d f = 1 / B for every code
+        return torch.ops.aten.threshold_backward.grad_input(g_bs, f_bs, 0, grad_input=g_bs)  # ReLU's own mask
+
+def relu_l1(h_bs: Tensor) -> tuple[Tensor, Tensor]:
+    "ReLU codes `f_bs` of pre-activations `h_bs` (B, s) and their L1 term `f_bs.sum(-1).mean()`, in one autograd node."
+    return _ReluL1.apply(h_bs)
+
 # %% ../nbs/04_sae.ipynb #4ce42704
 def sae_loss(sae: SAE, x_bd: Tensor, # model and batch
              objective: Vanilla|Matryoshka=Vanilla(), # objective config
              sparsity_coeff: float|None=None, # override of `objective.sparsity_coeff` (warmup)
              dead_s: Tensor|None=None, # bool (d_sae,): latents currently dead (AuxK)
              prefixes: list[int]|None=None, # Matryoshka prefix lengths; None = full dictionary only
+             fused: bool=True, # ReLU: codes and L1 term from `relu_l1` (same gradients, one B x s buffer fewer)
             ) -> tuple[Tensor, dict]:
     "Loss of `sae` on `x_bd` and its parts `loss, mse, l1, l0, sparsity, aux` (+ `fired_s`, `f_x`, `x_hat`)."
     act = sae.cfg.activation
-    h_bs, f_bs = sae.encode(x_bd)
+    if fused and isinstance(act, Relu): h_bs = sae.pre_acts(x_bd); f_bs, l1 = relu_l1(h_bs)
+    else: (h_bs, f_bs), l1 = sae.encode(x_bd), None
     matryoshka = isinstance(objective, Matryoshka) and prefixes is not None and len(prefixes) > 1
     if matryoshka:
         x_hats = sae.decode_prefixes(f_bs, prefixes)
@@ -271,7 +298,7 @@ def sae_loss(sae: SAE, x_bd: Tensor, # model and batch
     else:
         x_hat = sae.decode(f_bs)
         mse_loss = ((x_hat - x_bd) ** 2).mean()
-    l1 = f_bs.sum(-1).mean()  # every activation's codes are >= 0
+    if l1 is None: l1 = f_bs.sum(-1).mean()  # every activation's codes are >= 0
     coeff = objective.sparsity_coeff if sparsity_coeff is None else sparsity_coeff
     sparsity = coeff * l1 if isinstance(act, Relu) else l1.new_zeros(())
     aux = l1.new_zeros(())

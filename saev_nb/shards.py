@@ -15,14 +15,14 @@ import torch
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['DTYPES', 'TORCH_DTYPES', 'HASH_FNAME', 'SAEV_DATA_CLASSES', 'WRITER_LOCK', 'JOBS_LOCK', 'ShardError', 'Metadata',
-           'atomic_write', 'user_mode', 'encode_data', 'decode_data', 'load_shard_info', 'open_shard', 'shard_name',
-           'open_labels', 'as_torch', 'alloc_file', 'pwrite_all', 'mark_complete', 'complete_shards', 'check_name',
-           'listed_shards', 'n_label_classes', 'scan_finite', 'validate_shards', 'make_random_shards', 'ShardsConfig',
-           'data_dict', 'plan', 'make_dir', 'prepare_dir', 'writer_lock', 'shard_batches', 'ShardWriter', 'job_shards',
-           'check_finite', 'write_range', 'DiskFullError', 'disk_full_errors', 'JobError', 'quiet_sacct', 'job_log',
-           'slurm_executor', 'submitted', 'wait_jobs', 'write_shards', 'vit_for_shards', 'shards_cli',
-           'ValidateShardsConfig', 'validate_shards_cli']
+__all__ = ['DTYPES', 'TORCH_DTYPES', 'HASH_FNAME', 'SAEV_DATA_CLASSES', 'Tokens', 'TOKEN_SETS', 'WRITER_LOCK', 'JOBS_LOCK',
+           'ShardError', 'Metadata', 'atomic_write', 'user_mode', 'encode_data', 'decode_data', 'load_shard_info',
+           'open_shard', 'shard_name', 'open_labels', 'as_torch', 'alloc_file', 'pwrite_all', 'mark_complete',
+           'complete_shards', 'check_name', 'listed_shards', 'n_label_classes', 'scan_finite', 'validate_shards',
+           'make_random_shards', 'ShardsConfig', 'data_dict', 'plan', 'make_dir', 'prepare_dir', 'writer_lock',
+           'shard_batches', 'ShardWriter', 'job_shards', 'check_finite', 'write_range', 'DiskFullError',
+           'disk_full_errors', 'JobError', 'quiet_sacct', 'job_log', 'slurm_executor', 'submitted', 'wait_jobs',
+           'write_shards', 'vit_for_shards', 'shards_cli', 'ValidateShardsConfig', 'validate_shards_cli']
 
 # %% ../nbs/02_shards.ipynb #0bdf2234
 from .data import UserError, read_class_names
@@ -121,10 +121,12 @@ class Metadata:
         if not isinstance(d, dict) or set(d) != names:
             diff = sorted(set(d) ^ names) if isinstance(d, dict) else type(d).__name__
             raise ShardError(f"{fpath}: keys {diff} differ from protocol 2.1; {again}")
-        try: return cls(**d)
+        try: md = cls(**d)
         except (TypeError, ValueError) as e:
             if isinstance(e, ShardError): raise ShardError(f"{fpath}: {e}") from None
             raise ShardError(f"{fpath}: a value has the wrong type ({e}); {again}") from None
+        object.__setattr__(md, '_fpath', fpath)  # not a field: `where`, named in messages
+        return md
 
 HASH_FNAME = 'metadata.sha256'  # the hash metadata.json had when written: tells a renamed directory from an edited file
 
@@ -200,6 +202,58 @@ def decode_data(data: str) -> dict:
         raise ShardError(f"metadata `data` holds a {type(cfg).__name__}, not a saev data config")
     kinds = {v: k for k, v in SAEV_DATA_CLASSES.items()}
     return {'kind': kinds.get(type(cfg).__name__, type(cfg).__name__), **vars(cfg)}
+
+# %% ../nbs/02_shards.ipynb #d8ed2d43
+Tokens = Literal['content', 'cls', 'all']
+TOKEN_SETS: tuple[str, ...] = Tokens.__args__  # ('content', 'cls', 'all')
+
+@patch(as_prop=True)
+def where(self: Metadata) -> Path|str:
+    "The `metadata.json` this was read from (`Metadata.load`), for messages; `metadata.json` if built in memory."
+    return self.__dict__.get('_fpath', 'metadata.json')
+
+@patch
+def token_span(self: Metadata,
+               tokens: Tokens,  # `content`, `cls` or `all`
+              ) -> tuple[int, int]:  # (first token, number of tokens) inside each example
+    "Where token set `tokens` sits among an example's `tokens_per_example` rows."
+    if tokens not in TOKEN_SETS:
+        raise ShardError(f"tokens={tokens!r}: expected one of {', '.join(map(repr, TOKEN_SETS))}")
+    if tokens == 'cls' and not self.cls_token:
+        raise ShardError(f"{self.where}: cls_token is false, so tokens='cls' has nothing to read; "
+                         "use tokens='content'")
+    return {'content': (int(self.cls_token), self.content_tokens_per_example), 'cls': (0, 1),
+            'all': (0, self.tokens_per_example)}[tokens]
+
+@patch
+def layer_problem(self: Metadata,
+                  layer: int,  # requested block index
+                  flag: str = '--layer',  # the option that sets it, for the fix
+                 ) -> str|None:  # one line naming metadata.json, the recorded layers and the fix; None if recorded
+    "Why block `layer` cannot be read from these shards, or None."
+    if layer in self.layers: return None
+    hint = ' (negative layers are resolved to block indices when recording: pass those)' if layer < 0 else ''
+    return (f"{self.where}: layer {layer} was not recorded (layers: {list(self.layers)}){hint}; pass one of "
+            f"those as {flag} or record it with `saev_nb shards --layers {layer}`")
+
+@patch
+def resolve_layer(self: Metadata,
+                  layer: int|None,  # block index; None: the last recorded; negative: back from the model's last block
+                  flag: str = '--layer',  # the option that sets it, for the fix
+                 ) -> int:  # a recorded, non-negative block index
+    "The recorded block to read, resolved as `saev_nb shards --layers` resolves it; a `ShardError` if not recorded."
+    if layer is None: return self.layers[-1]
+    layer = int(layer)
+    if layer < 0:
+        from saev_nb.shards import vit_for_shards  # defined below, with the writer (it loads the recording model)
+        try: vit = vit_for_shards(self, geometry_only=True)  # the recording model's own resolver
+        except UserError: vit = None  # no model behind these shards (e.g. generated ones)
+        if vit is not None: layer = vit.resolve_layers([layer])[0]
+        elif -len(self.layers) <= layer: layer = self.layers[layer]
+        else: raise ShardError(f"{self.where}: layer {layer} is out of range for the recorded layers "
+                               f"{list(self.layers)}; pass one of them as {flag}")
+    if (problem := self.layer_problem(layer, flag)): raise ShardError(problem)
+    return layer
 
 # %% ../nbs/02_shards.ipynb #9a5774a8
 def load_shard_info(dpath: Path) -> list[dict]:

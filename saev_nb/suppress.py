@@ -608,13 +608,14 @@ def make_planted_semseg(n_img: int = 200,  # images
 # %% ../nbs/09_suppress.ipynb #8a4335b3
 from .data import N_CLASSES
 from .shards import Metadata, open_labels, vit_for_shards, atomic_write
-from .probe import ActsConfig, ImgsConfig, resolve_layer, label_batches, _examples_of, load_probe, ordered_loader
+from .loaders import ExampleReader
+from .probe import ActsConfig, ImgsConfig, label_batches, load_probe
 from .train import Run, load_run_or_ckpt
 
 def _sae_layer(md: Metadata, acts: ActsConfig, run: Run) -> int:
     "The block to read: `acts.layer`, else the run's training layer; checked against the run and the shards."
     trained_layer = run.cfg.train_data.layer if run.cfg is not None else None
-    layer = resolve_layer(md, acts.layer if acts.layer is not None else trained_layer, acts.shard_root)
+    layer = md.resolve_layer(acts.layer if acts.layer is not None else trained_layer, '--acts.layer')
     if trained_layer is not None and layer != trained_layer:
         raise SuppressError(f"{acts.shard_root}: reading layer {layer} but the SAE was trained on layer "
                             f"{trained_layer}; pass --acts.layer {trained_layer}")
@@ -667,19 +668,17 @@ def feature_batches(cfg: FeaturesConfig,  # shards and images
                     layer: int,  # the SAE's layer
                    ) -> tuple[tp.Iterator[dict], int, list[str]]:  # batches, number of batches, class names
     "Whole-image batches `{'x', 'labels', 'keep', 'ids'}` of a shard set, `keep` marking patches of pure label."
-    labels_np = open_labels(cfg.acts.shard_root, md)
-    if labels_np is None:
+    if open_labels(cfg.acts.shard_root, md) is None:
         raise MissingFileError(f"{cfg.acts.shard_root}/labels.bin: missing; class features need patch labels, "
                                "record the shards from a segmentation data set")
-    dl = ordered_loader(cfg.acts.shard_root, layer, 'content', cfg.batch_size)
+    dl = ExampleReader(cfg.acts.shard_root, layer, 'content', cfg.batch_size)
     labs, names, grid = label_batches(md, cfg.imgs, batch_size=dl.examples_per_batch)
     def gen():
         for batch, pix in zip(dl, labs):
-            acts_etd, ids = _examples_of(batch, md.content_tokens_per_example)
+            acts_etd, ids, y = batch['acts'], batch['example_idx'], batch['labels']
             if len(ids) != len(pix):
                 raise RuntimeError(f"{cfg.acts.shard_root}: loader and label batches went out of step "
                                    f"({len(ids)} vs {len(pix)} examples)")
-            y = torch.from_numpy(np.asarray(labels_np[ids.numpy()])).long()
             yield {'x': acts_etd, 'labels': y, 'keep': patch_purity(pix, y, grid) >= cfg.purity, 'ids': ids}
     return gen(), len(dl), names
 
@@ -804,11 +803,6 @@ def features_cli(cfg: FeaturesConfig):
 from .data import SegFolder
 from .probe import _recorded_split
 
-def _all_tokens(batch: dict, md: Metadata) -> tuple[torch.Tensor, torch.Tensor]:
-    "Whole-example rows of an `all`-tokens batch as (E, 1 + T, d) (CLS first; the loader's CLS token_idx is -1)."
-    b = dict(batch); b['token_idx'] = batch['token_idx'].long() + 1
-    return _examples_of(b, md.tokens_per_example)
-
 def _image_batches(md: Metadata, vit, examples_per_batch: int):
     "The shards' images in storage order, preprocessed for `vit`, in batches."
     split = _recorded_split(md) or 'validation'
@@ -828,28 +822,27 @@ def suppression_batches(dpath: Path,  # shard directory
                        ) -> tuple[tp.Iterator[dict], int]:  # batches of whole images, number of batches
     "Batches `{'x', 'labels', 'ids'}` in storage order, plus `'resid'` and `'x_probe'` when the probe reads later."
     md = Metadata.load(dpath)
-    labels_np = open_labels(dpath, md)
-    if labels_np is None:
+    if open_labels(dpath, md) is None:
         raise MissingFileError(f"{dpath}/labels.bin: missing; suppression is scored against patch labels, record the "
                                "shards from a segmentation data set")
     tail = probe_layer != layer
     if tail and vit is None: raise ValueError("a probe on a later layer needs the ViT that recorded the shards")
     # the stream's prefix (CLS, registers) comes from the shards when they hold all of it, else from the images
     from_images = tail and (not md.cls_token or vit.n_prefix > 1)
-    dl = ordered_loader(dpath, layer, 'all' if tail and not from_images else 'content', batch_size)
+    with_prefix = tail and not from_images  # read CLS and patches together: (E, 1 + T, d), CLS first
+    dl = ExampleReader(dpath, layer, 'all' if with_prefix else 'content', batch_size)
     per = dl.examples_per_batch * md.content_tokens_per_example
-    dl_p = ordered_loader(dpath, probe_layer, 'content', per) if tail and probe_layer in md.layers else None
+    dl_p = ExampleReader(dpath, probe_layer, 'content', per) if tail and probe_layer in md.layers else None
     imgs = _image_batches(md, vit, dl.examples_per_batch) if from_images else None
     def gen():
         for batch, bp, img in zip(dl, dl_p or iter(lambda: None, 0), imgs or iter(lambda: None, 0)):
-            if tail and not from_images: acts, ids = _all_tokens(batch, md); x = acts[:, 1:]
-            else: x, ids = _examples_of(batch, md.content_tokens_per_example)
-            labels = torch.from_numpy(np.asarray(labels_np[ids.numpy()])).long().to(device)
-            out = {'x': x.to(device), 'ids': ids, 'labels': labels}
-            if tail and not from_images: out['resid'] = acts.to(device)
+            acts, ids = batch['acts'], batch['example_idx']
+            x = acts[:, 1:] if with_prefix else acts
+            out = {'x': x.to(device), 'ids': ids, 'labels': batch['labels'].to(device)}
+            if with_prefix: out['resid'] = acts.to(device)
             if from_images:
                 with torch.no_grad(): out['resid'] = vit.residual(img.to(device), layer).to(x.dtype)
-            if bp is not None: out['x_probe'] = _examples_of(bp, md.content_tokens_per_example)[0].to(device)
+            if bp is not None: out['x_probe'] = bp['acts'].to(device)
             yield out
     return gen(), len(dl)
 

@@ -9,7 +9,7 @@ __all__ = ['NOT_IN_RUN_ID', 'GROUP_KEYS', 'ALMOST_DEAD', 'DENSE', 'TrainConfig',
            'sparse_dictionary_data', 'ArrayLoader', 'merge_moments', 'NoTokensError', 'Metrics', 'batch_metrics',
            'RunFileError', 'save_checkpoint', 'load_checkpoint', 'NonFiniteError', 'TrainingStopped', 'fit_group',
            'atom_recovery', 'evaluate_saes', 'group_normalizer', 'train_group', 'train_mem_gb', 'train', 'swept_values',
-           'train_cli', 'cfg_from_dict', 'Run', 'load_run', 'load_normalizer', 'load_run_or_ckpt']
+           'train_cli', 'cfg_from_dict', 'Run', 'load_run', 'load_run_config', 'load_normalizer', 'load_run_or_ckpt']
 
 # %% ../nbs/05_train.ipynb #a732bc73
 import contextlib, dataclasses, errno, hashlib, itertools, json, math, os, signal, sys, time, tomllib, typing, warnings
@@ -76,6 +76,9 @@ class TrainConfig:
     """Autocast dtype for the SAE matmuls (bfloat16 for GPUs)."""
     tf32: bool = True
     """Allow TF32 matmuls on CUDA."""
+    compile: bool = False
+    """Compile each step's forward and loss with `torch.compile` (fuses the elementwise work around the matmuls; the
+    first steps spend tens of seconds compiling)."""
     track: bool = False
     """Log to Weights & Biases (needs `wandb`)."""
     wandb_project: str = 'saev_nb'
@@ -106,9 +109,9 @@ class TrainConfig:
 
 # %% ../nbs/05_train.ipynb #2deb7249
 def _to_jsonable(obj):
+    if isinstance(obj, SAEConfig): return sae_cfg_to_dict(obj)  # the SAE file's own tagging of its activation
     if dataclasses.is_dataclass(obj):
         d = {f.name: _to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-        if type(obj) in ACTIVATIONS.values(): d = {'kind': act_name(obj), **d}
         if type(obj) in OBJECTIVES.values(): d = {'kind': {v: k for k, v in OBJECTIVES.items()}[type(obj)], **d}
         return d
     if isinstance(obj, Path): return str(obj)
@@ -119,15 +122,16 @@ def cfg_to_dict(cfg: TrainConfig) -> dict:
     "JSON-able dict of `cfg` (unions tagged with `kind`)."
     return _to_jsonable(cfg)
 
-NOT_IN_RUN_ID = ('log_every', 'ckpt_every', 'runs_root', 'device', 'track', 'wandb_project', 'tags', 'sweep',
-                 'max_parallel',
+NOT_IN_RUN_ID = ('log_every', 'ckpt_every', 'runs_root', 'device', 'compile', 'track', 'wandb_project', 'tags',
+                 'sweep', 'max_parallel',
                  'executor', 'slurm_acct', 'slurm_partition', 'n_hours', 'mem_gb', 'log_to', 'wait',
                  'restart', 'tag')
 
 def run_id(cfg: TrainConfig) -> str:
     "Stable id of a run: hash of the config fields that change the trained weights."
     d = {k: v for k, v in cfg_to_dict(cfg).items() if k not in NOT_IN_RUN_ID}
-    for k in ('train_data', 'val_data'): d[k] = {kk: vv for kk, vv in d[k].items() if kk not in ('n_threads',)}
+    for k in ('train_data', 'val_data'):  # reader settings that do not change the batches
+        d[k] = {kk: vv for kk, vv in d[k].items() if kk not in ('n_threads', 'release')}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
 # %% ../nbs/05_train.ipynb #813d9485
@@ -347,8 +351,9 @@ def config_problems(cfg: TrainConfig) -> list[str]:
     return [msg for ok, msg in checks if not ok]
 
 # %% ../nbs/05_train.ipynb #2ada4c92
+from .shards import Metadata, ShardError
+
 def _metadata(dpath: Path, flag: str):
-    from saev_nb.shards import Metadata
     if not (Path(dpath)/'metadata.json').is_file():
         raise MissingFileError(f'{dpath}: no metadata.json here; pass a shard directory written by `saev_nb shards` '
                                f'to {flag}')
@@ -364,15 +369,13 @@ def data_problems(cfg: TrainConfig) -> list[str]:
                    f'{cfg.sae.d_model}; '
                    f'set --sae.d-model {tr.d_model}')
     for name, md, dc in (('train', tr, cfg.train_data), ('val', va, cfg.val_data)):
-        n_tok = md.n_examples * {'content': md.content_tokens_per_example, 'cls': int(md.cls_token),
-                                 'all': md.tokens_per_example}[dc.tokens]
-        if dc.batch_size > n_tok:
+        try: n_tok = md.n_examples * md.token_span(dc.tokens)[1]
+        except ShardError as e: out.append(str(e)); n_tok = None
+        if n_tok is not None and dc.batch_size > n_tok:
             out.append(f'{dc.shards}: --{name}-data.batch-size {dc.batch_size} is more than the {n_tok} {dc.tokens} '
                        'tokens recorded; '
                        f'use at most {n_tok}')
-        if dc.layer not in md.layers:
-            out.append(f'{dc.shards}: layer {dc.layer} was not recorded (recorded: {list(md.layers)}); set '
-                       f'--{name}-data.layer')
+        if (problem := md.layer_problem(dc.layer, f'--{name}-data.layer')): out.append(problem)
     for what, a, b in (('model family', tr.family, va.family), ('checkpoint', tr.ckpt, va.ckpt),
                        ('d_model', tr.d_model, va.d_model),
                        ('layer', cfg.train_data.layer, cfg.val_data.layer), ('token set', cfg.train_data.tokens,
@@ -405,6 +408,8 @@ class SAETrainer:
         self.sae = SAE(cfg.sae, seed=cfg.seed).to(cfg.device)
         fused = True  # torch's fused Adam runs on CPU too: one kernel per parameter, 3-4x faster than the default loop
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, fused=fused)
+        # torch.compile caches by code and guards, so SAEs of one shape share a compiled loss
+        self.loss_fn = torch.compile(sae_loss) if cfg.compile else sae_loss
         self.step_i, self.n_tokens = 0, 0
         self.since_fired_s = torch.zeros(self.sae.d_sae, dtype=torch.long, device=cfg.device)
 
@@ -426,7 +431,7 @@ def step(self: SAETrainer, x_bd: Tensor, b: int) -> dict:
     if isinstance(cfg.objective, Matryoshka):
         prefixes = sample_prefixes(sae.d_sae, cfg.objective.n_prefixes,
                                    torch.Generator().manual_seed(cfg.seed * 1_000_003 + b))
-    with _autocast(cfg): loss, st = sae_loss(sae, x_bd, cfg.objective, coeff, self.dead_s, prefixes)
+    with _autocast(cfg): loss, st = self.loss_fn(sae, x_bd, cfg.objective, coeff, self.dead_s, prefixes)
     self.opt.zero_grad(set_to_none=True)
     loss.backward()
     sae.remove_parallel_grads()
@@ -931,11 +936,17 @@ def load_run(run_dpath: Path|str,  # a run directory (`<runs_root>/<run id>`)
     if not (p/'sae.safetensors').exists():
         raise MissingFileError(f'{p/"sae.safetensors"}: missing; this run has not finished training (rerun the same '
                                f'`saev_nb train` command to resume it)')
-    try: raw = json.loads((p/'config.json').read_text())
+    return Run(p, load_sae(p/'sae.safetensors', device).eval(), load_run_config(p), load_normalizer(p))
+
+def load_run_config(run_dpath: Path|str) -> TrainConfig:
+    "The `TrainConfig` a run was trained with, from its `config.json`: the one reader of a run's config."
+    fpath = Path(run_dpath)/'config.json'
+    try: raw = json.loads(fpath.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RunFileError(
-            f'{p/"config.json"}: missing or damaged ({type(e).__name__}); this is not a run directory') from None
-    return Run(p, load_sae(p/'sae.safetensors', device).eval(), cfg_from_dict(raw), load_normalizer(p))
+        raise RunFileError(f'{fpath}: missing or damaged ({type(e).__name__}); this is not a run directory') from None
+    if not isinstance(raw, dict):
+        raise RunFileError(f'{fpath}: holds a {type(raw).__name__}, not a training config; this is not a run directory')
+    return cfg_from_dict(raw)
 
 def load_normalizer(run_dpath: Path|str) -> Normalizer | None:
     "The run's `Normalizer` (from `normalizer.safetensors`), or None if it trained on raw activations."

@@ -237,21 +237,12 @@ def html_refs(fpath: Path,  # an HTML file
     return refs
 
 # %% ../nbs/07_visuals.ipynb #73be339a
-_NOT_GEOMETRY = ('ToTensor', 'MaybeToTensor', 'Normalize', 'MaybeConvertMode', '_convert_to_rgb', 'convert_to_rgb',
-                 'PILToTensor', 'ConvertImageDtype')
+from .models import geometry_steps
 
 def display_transform(img_transform,  # a model's preprocessing (torchvision Compose or one transform)
                      ) -> T.Compose:  # PIL -> PIL RGB, same size and crop as the model input
-    "The geometric steps (resize, crop) of a model's preprocessing, producing a PIL RGB image."
-    out = []
-    for t in getattr(img_transform, 'transforms', [img_transform]):
-        name = getattr(t, '__name__', type(t).__name__)
-        if isinstance(t, (T.Resize, T.CenterCrop)): out.append(t)
-        elif name in _NOT_GEOMETRY: continue
-        else:
-            raise EvalError(f'image transform step {name} is not a known geometric step; extend '
-                            'saev_nb.visuals.display_transform for it')
-    return T.Compose([lambda im: im.convert('RGB')] + out)
+    "The geometric steps (resize, crop) of a model's preprocessing (`geometry_steps`), producing a PIL RGB image."
+    return T.Compose([lambda im: im.convert('RGB')] + geometry_steps(img_transform))
 
 def geometry(md: Metadata,  # metadata of the shards
             ) -> tuple[tp.Callable, tp.Callable, tuple[int, int]]:  # (display transform, label transform, patch grid)

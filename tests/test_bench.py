@@ -1,7 +1,7 @@
 """saev_nb.bench: the three harnesses on tiny sizes (fields, ratios consistent with their rates), their console
 commands, the one-line error of `--cold` without the right to drop the page cache, and the GPU check's dry run on
 the CPU (`tools/gpu-check.sh --cpu`): every check in its JSON report has a goal, a measured value and a verdict."""
-import json, subprocess
+import dataclasses, json, subprocess
 from pathlib import Path
 
 import pytest
@@ -42,6 +42,37 @@ def test_bench_loader_cold_rounds(monkeypatch):
     ratios = [s / o for s, o in zip(r['rates']['shuffled'], r['rates']['ordered'])]
     assert r['cold_ratio'] == pytest.approx(sorted(ratios)[0] / 2 + sorted(ratios)[1] / 2)
     assert 0.8 < r['entropy_ratio'] <= 1.05 and r['cold_ordered_gbs'] > 0
+    for k in ('ordered', 'shuffled'):  # memory, faults and reads of each loader's epochs
+        assert len(r['watch'][k]) == 2 and r[f'cold_{k}_rss_anon_gb'] >= r['rss_anon_start_gb'] > 0
+        assert r[f'cold_{k}_rss_anon_gb'] == max(w['rss_anon_peak_gb'] for w in r['watch'][k])
+        assert r[f'cold_{k}_major_faults'] >= 0 and r[f'cold_{k}_read_gb'] >= 0 and r[f'cold_{k}_rss_file_gb'] > 0
+    assert r['mem_total_gb'] >= r['mem_available_min_gb'] > 0 and r['swap_total_gb'] >= r['swap_used_peak_gb'] >= 0
+    assert r['data_reused'] is False and r['write_s'] > 0 and r['shuffled_release'] in (True, False, None)
+    rows = dict((name, note) for name, _, note in bench._loader_table(BenchLoaderConfig(), r))
+    assert 'swap:' in rows['major faults, swap'] and 'RssFile' in rows['peak RssAnon']
+
+
+def test_bench_loader_reuses_data(tmp_path, monkeypatch):
+    "A second cold run on the same `dpath` reads the shards the first one wrote (same settings) instead of rewriting."
+    import saev_nb.bench as bench
+    monkeypatch.setattr(bench, 'drop_page_cache', lambda: None)
+    cfg = BenchLoaderConfig(dpath=tmp_path, size_gb=0.01, shard_gb=0.004, d_model=32, content_tokens=32,
+                            batch_size=512, block_tokens=4, n_repeats=1, cold=True)
+    a = bench_loader(cfg)
+    stamp = {p: p.stat().st_mtime_ns for p in tmp_path.rglob('acts*.bin')}
+    b = bench_loader(cfg)
+    assert not a['data_reused'] and b['data_reused'] and b['write_s'] is None and b['n_tokens'] == a['n_tokens']
+    assert stamp and {p: p.stat().st_mtime_ns for p in tmp_path.rglob('acts*.bin')} == stamp
+    c = bench_loader(dataclasses.replace(cfg, seed=1))  # other settings: new shards beside the old
+    assert not c['data_reused'] and len(list(tmp_path.glob('*/metadata.json'))) == 2
+
+
+def test_resource_watch_sees_fresh_memory():
+    import numpy as np
+    from saev_nb.bench import ResourceWatch
+    with ResourceWatch(ROOT) as w: held = np.ones(2 ** 25)
+    assert w.result['rss_anon_peak_gb'] - w.result['rss_anon_start_gb'] > 0.25 and held.sum() == 2 ** 25
+    assert w.result['swap_used_peak_gb'] <= w.result['swap_total_gb'] and w.result['device_reads'] >= 0
 
 
 def test_drop_page_cache_without_right_is_one_line(tmp_path):

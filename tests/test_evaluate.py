@@ -207,12 +207,11 @@ def test_inference_layer_defaults_and_negative_layers(trained):
 def test_inference_negative_layer_uses_the_models_blocks(tmp_path):
     "On shards of the tiny ViT (4 blocks, layers 2 and 3 recorded) -1 is block 3 and -2 block 2, the model's own resolver."
     from saev_nb.models import load_vit
-    from saev_nb.evaluate import resolve_eval_layer
     from saev_nb.shards import Metadata
     d = tiny_shards(tmp_path)
     md = Metadata.load(d['train'])
     vit = load_vit(md.family, md.ckpt)
-    assert [resolve_eval_layer(md, l) for l in (-1, -2)] == list(vit.resolve_layers([-1, -2]))[::-1] == [3, 2]
+    assert [md.resolve_layer(l) for l in (-1, -2)] == list(vit.resolve_layers([-1, -2]))[::-1] == [3, 2]
     (run,) = _train(d['train'], 3, tmp_path / 'runs', md.d_model, n_train=48 * 64 * 2, n_val=1024)
     out = Path(cli('inference', '--run', run, '--data.shards', d['val'], '--data.layer', -1).stdout.strip())
     assert out == run / 'inference' / d['val'].name / 'layer3-content'

@@ -107,3 +107,39 @@ def test_library_lines_within_120_characters():
             if in_all and l.rstrip().endswith(']'): in_all = False
     long = [f'{f.name}:{i}' for f in _modules() for i, l in lines(f) if len(l) > 120]
     assert not long, f'{len(long)} library lines over 120 characters, e.g. {long[:5]}; wrap them in the notebooks'
+
+_EXPORT = r'^\s*#\s*\|\s*export'
+_DEMO_CALL = r'\btest_(eq|ne|close|fail|is|eq_type|shuffled|stdout|warns|sig|fig_exists)\w*\('
+# Export cells that cannot be demoed in a notebook, as `(notebook, first defined name): reason`. Keep it short.
+NO_DEMO_OK = {}
+
+def _imports_only(s: str) -> bool:
+    "True for a cell of nothing but import statements (and comments)."
+    import ast
+    try: body = ast.parse(s).body
+    except SyntaxError: return False
+    return bool(body) and all(isinstance(t, (ast.Import, ast.ImportFrom)) for t in body)
+
+def _undemoed(fpath):
+    "Export cells of `fpath` that define something and whose next code cell is not a demo calling a fastcore `test_*`."
+    import re
+    cells = json.loads(fpath.read_text())['cells']
+    src = lambda c: ''.join(c['source']) if isinstance(c['source'], list) else c['source']
+    out = []
+    for i, c in enumerate(cells):
+        s = src(c)
+        if c['cell_type'] != 'code' or not re.match(_EXPORT, s): continue
+        names = [a or b for a, b in re.findall(r'^(?:async\s+)?(?:def|class)\s+(\w+)|^(\w+)\s*(?::[^=\n]*)?=(?!=)', s, re.M)]
+        if not names and not re.search(r'^@', s, re.M): continue  # imports only
+        # the next code cell, past a demo's own imports (kept in their cell: nbdev's docs build runs import cells)
+        nxt = next((d for d in cells[i + 1:] if d['cell_type'] == 'code' and not _imports_only(src(d))), None)
+        nsrc = src(nxt) if nxt else ''
+        if nxt is None or re.match(r'^\s*#\s*\|\s*(export|hide|default_exp)', nsrc) or not re.search(_DEMO_CALL, nsrc):
+            if (fpath.name, names[0] if names else '') not in NO_DEMO_OK: out.append(f'{fpath.name}[{i}] {names[:4]}')
+    return out
+
+def test_each_export_has_a_demo():
+    "A demo follows each exported definition: the next code cell is not an export/hide cell and runs a fastcore test."
+    missing = [m for f in sorted((ROOT/'nbs').glob('*.ipynb')) for m in _undemoed(f)]
+    assert not missing, (f'{len(missing)} export cells with no demo after them, e.g. {missing[:8]}; add a cell right '
+                         'after each that runs the definition on tiny data and checks it with test_eq/test_close/test_fail')

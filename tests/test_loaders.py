@@ -1,5 +1,4 @@
-"""saev_nb.loaders: every token exactly once per epoch (each token set, both read paths), values against the stored
-bytes, seeding and resume without re-reading, label filtering, dtypes, normalization, ordered/indexed access, worker
+"""saev_nb.loaders: every token exactly once per epoch (each token set), values against the stored bytes, seeding and resume without re-reading, label filtering, dtypes, normalization, ordered/indexed access, worker
 errors raised in the consumer (never a hang), one clear line per bad input."""
 import dataclasses, json, os, shutil, subprocess, sys, threading, time
 from pathlib import Path
@@ -35,11 +34,10 @@ def _key(b, n_t, off):
     return b['example_idx'] * n_t + b['token_idx'] + off
 
 
-@pytest.mark.parametrize('read', ['cache', 'buffer'])
 @pytest.mark.parametrize('tokens,n_t,off', [('content', P, 0), ('cls', 1, 1), ('all', P + 1, 1)])
-def test_epoch_every_token_once_with_right_values(sd, read, tokens, n_t, off):
+def test_epoch_every_token_once_with_right_values(sd, tokens, n_t, off):
     dl = ShuffledLoader(ShuffledConfig(shards=sd, layer=5, tokens=tokens, batch_size=37, buffer_batches=2, block_examples=3,
-                                       block_tokens=5, read=read, n_threads=2))
+                                       block_tokens=5, n_threads=2))
     batches = list(dl)
     keys = torch.cat([_key(b, n_t, off) for b in batches])
     assert sorted(keys.tolist()) == list(range(50 * n_t))
@@ -57,12 +55,11 @@ def test_epoch_every_token_once_with_right_values(sd, read, tokens, n_t, off):
 
 
 
-@pytest.mark.parametrize('read', ['cache', 'buffer'])
-def test_windows_of_hundreds_of_batches_and_batches_spanning_windows(sd, read):
+def test_windows_of_hundreds_of_batches_and_batches_spanning_windows(sd):
     "More than 255 batch chunks per window (16-bit chunk numbers in the plan), and batches that straddle windows, epochs and shards."
     ref = _stored(sd, 9)
     for bs, bb in [(1, 400), (3, 300), (29, 1)]:
-        dl = ShuffledLoader(ShuffledConfig(shards=sd, layer=9, batch_size=bs, buffer_batches=bb, block_examples=2, block_tokens=5, read=read, seed=bs))
+        dl = ShuffledLoader(ShuffledConfig(shards=sd, layer=9, batch_size=bs, buffer_batches=bb, block_examples=2, block_tokens=5, seed=bs))
         n = dl.n_tokens
         batches = list(dl.iter_batches(2 * n + bs // 2))
         keys = torch.cat([_key(b, P, 0) for b in batches])
@@ -93,9 +90,8 @@ def test_seeded_reproducible_and_seed_matters(sd):
     assert not torch.equal(a[0], c[0])
 
 
-@pytest.mark.parametrize('read', ['cache', 'buffer'])
-def test_resume_equals_suffix_and_skips_reading(sd, read):
-    cfg = ShuffledConfig(shards=sd, layer=9, batch_size=50, buffer_batches=1, block_examples=2, block_tokens=6, seed=2, read=read)
+def test_resume_equals_suffix_and_skips_reading(sd):
+    cfg = ShuffledConfig(shards=sd, layer=9, batch_size=50, buffer_batches=1, block_examples=2, block_tokens=6, seed=2)
     n = 3 * 600 + 70  # 3 epochs and a bit; batches cross epoch boundaries
     full_dl = ShuffledLoader(cfg)
     full = list(full_dl.iter_batches(n))
@@ -241,7 +237,7 @@ def test_bad_requests(sd, tmp_path):
     with pytest.raises(LoaderError, match='use a batch size in 1..600'): ShuffledLoader(ShuffledConfig(shards=sd, layer=2, batch_size=601))
     with pytest.raises(LoaderError, match='use a batch size in 12..600'): OrderedLoader(OrderedConfig(shards=sd, layer=2, batch_size=601))
     with pytest.raises(LoaderError, match='smaller than one example'): OrderedLoader(OrderedConfig(shards=sd, layer=2, batch_size=5))
-    with pytest.raises(LoaderError, match="tokens='patch'"): ShuffledLoader(ShuffledConfig(shards=sd, layer=2, tokens='patch'))
+    with pytest.raises(ShardError, match="tokens='patch'"): ShuffledLoader(ShuffledConfig(shards=sd, layer=2, tokens='patch'))
     with pytest.raises(LoaderError, match="dtype='int8'"): ShuffledLoader(ShuffledConfig(shards=sd, layer=2, dtype='int8'))
     assert issubclass(LoaderError, UserError) and issubclass(LoaderError, ValueError)
     nolab = make_random_shards(tmp_path, n_examples=6, layers=(0,), d_model=8, content_tokens=4, labels=False)
@@ -252,13 +248,12 @@ def test_bad_requests(sd, tmp_path):
     with pytest.raises(ShardError, match='not a directory'): ShuffledLoader(ShuffledConfig(shards=tmp_path / 'nope', layer=0))
 
 
-@pytest.mark.parametrize('read,msg', [('cache', 'shrank to 64 bytes while loading'), ('buffer', 'ended at byte')])
-def test_file_breaking_mid_run_raises_in_consumer(sd, tmp_path, read, msg):
+def test_file_breaking_mid_run_raises_in_consumer(sd, tmp_path):
     d = _broken(sd, tmp_path)
-    dl = ShuffledLoader(ShuffledConfig(shards=d, layer=2, batch_size=20, buffer_batches=1, block_examples=2, block_tokens=12, read=read))
+    dl = ShuffledLoader(ShuffledConfig(shards=d, layer=2, batch_size=20, buffer_batches=1, block_examples=2, block_tokens=12))
     os.truncate(d / 'acts000002.bin', 64)  # after the loader checked the files: the reading threads must notice and report it
     t = time.time()
-    with pytest.raises(ShardError, match=msg): list(dl)
+    with pytest.raises(ShardError, match='shrank to 64 bytes while loading'): list(dl)
     assert time.time() - t < 10
 
 
@@ -284,7 +279,7 @@ def test_background_errors_and_dead_workers_never_hang():
 
 def test_early_break_stops_threads(sd):
     before = {t.ident for t in threading.enumerate()}
-    dl = ShuffledLoader(ShuffledConfig(shards=sd, layer=2, batch_size=10, buffer_batches=1, block_examples=1, block_tokens=2, read='buffer'))
+    dl = ShuffledLoader(ShuffledConfig(shards=sd, layer=2, batch_size=10, buffer_batches=1, block_examples=1, block_tokens=2))
     for i, b in enumerate(dl.iter_batches(10**6)):
         if i == 3: break
     deadline = time.time() + 5
@@ -292,10 +287,9 @@ def test_early_break_stops_threads(sd):
     assert not [t.name for t in threading.enumerate() if t.name.startswith('saev') and t.ident not in before]
 
 
-@pytest.mark.parametrize('read', ['cache', 'buffer'])
-def test_break_mid_epoch_then_iterate_again_is_correct(sd, read):
+def test_break_mid_epoch_then_iterate_again_is_correct(sd):
     "Copies queued for batches nobody will take are cancelled and finished before the slots are handed out again."
-    dl = ShuffledLoader(ShuffledConfig(shards=sd, layer=5, batch_size=40, buffer_batches=3, block_examples=2, block_tokens=3, read=read))
+    dl = ShuffledLoader(ShuffledConfig(shards=sd, layer=5, batch_size=40, buffer_batches=3, block_examples=2, block_tokens=3))
     for i, b in enumerate(dl):
         if i == 2: break
     del b
@@ -363,3 +357,107 @@ def test_cuda_delivery_pinned_non_blocking(sd):
     for b in dl.iter_batches(2000):
         assert b['acts'].is_cuda
         np.testing.assert_array_equal(b['acts'].cpu().numpy(), ref[b['example_idx'].cpu().numpy(), b['token_idx'].cpu().numpy() + 1])
+
+
+# ---- output slots: recycled exactly when nothing derived from a batch is alive ----
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_slot_ring_never_overwrites_what_is_held(dtype):
+    "A batch, a slice, a dtype view, a `.numpy()` alias or the storage of it keeps its slot; dropped, the slot is reused."
+    from saev_nb.loaders import SlotRing
+    ring = SlotRing((6, 4), dtype, n=2)
+    bits = lambda t: (t.view(torch.int16) if t.dtype == torch.bfloat16 else t.view(torch.int32)).numpy()
+    def as_bytes(k):
+        if isinstance(k, torch.UntypedStorage): return np.array(k.tolist(), dtype=np.uint8)
+        return np.ascontiguousarray(bits(k.contiguous()) if isinstance(k, torch.Tensor) else k).view(np.uint8)
+    seven = np.unique(as_bytes(torch.full((2,), 7, dtype=dtype)))
+    for hold in (lambda t: t, lambda t: t[2:4], lambda t: t.view(-1), lambda t: t.T, lambda t: bits(t),
+                 lambda t: bits(t[1:])[2:], lambda t: t.untyped_storage()):
+        t = ring.get()
+        assert t.dtype == dtype and t.shape == (6, 4)
+        t.fill_(7); ptr, kept = t.data_ptr(), hold(t)
+        del t
+        for _ in range(5):  # every slot comes round twice or more: none may be the held one
+            u = ring.get(); assert u.data_ptr() != ptr; u.fill_(-1); del u
+        np.testing.assert_array_equal(np.unique(as_bytes(kept)), seven)
+        del kept
+    n0, ptrs = ring.n_alloc, set()
+    for _ in range(50):  # nothing held: the two slots alternate and nothing new is allocated
+        t = ring.get(); ptrs.add(t.data_ptr()); del t
+    assert ring.n_alloc == n0 and len(ptrs) == 2
+
+
+def test_loader_slots_are_reused_and_allocation_stays_bounded(sd):
+    "Over many epochs of dropped batches the ring allocates only its slots; a kept batch is never overwritten."
+    dl = ShuffledLoader(ShuffledConfig(shards=sd, layer=5, batch_size=20, buffer_batches=2, block_examples=2, block_tokens=3))
+    ref = _stored(sd, 5)
+    kept = None
+    for i, b in enumerate(dl.iter_batches(20 * 400)):
+        if i == 7: kept, kept_view, kept_np = b, b['acts'][3:9], b['acts'].numpy()  # held through the rest of the run
+    ring = dl._ring
+    assert ring.n_alloc <= dl.n_slots + 1  # the slots, plus one to replace the slot the kept batch holds
+    for x in (kept['acts'], kept_view, torch.from_numpy(kept_np)):
+        assert x.data_ptr() >= kept['acts'].data_ptr()
+    np.testing.assert_array_equal(kept['acts'].numpy(), ref[kept['example_idx'].numpy(), kept['token_idx'].numpy() + 1])
+    np.testing.assert_array_equal(kept_view.numpy(), kept_np[3:9])
+
+
+def _rss_anon() -> int:
+    "This process's anonymous resident memory in bytes (`RssAnon` of /proc/self/status)."
+    for line in Path('/proc/self/status').read_text().splitlines():
+        if line.startswith('RssAnon:'): return int(line.split()[1]) * 1024
+    pytest.skip('no RssAnon in /proc/self/status')
+
+
+def test_anonymous_memory_stays_bounded(tmp_path):
+    "Streaming 200 MB of shards grows private memory by at most the slots plus the index arrays of the windows in flight."
+    d_model, tpe = 256, 65
+    d = make_random_shards(tmp_path, n_examples=3000, layers=(0,), d_model=d_model, content_tokens=tpe - 1,
+                           max_tokens_per_shard=1000 * tpe, seed=0)  # 200 MB in 3 shards of 1000 examples
+    cfg = ShuffledConfig(shards=d, layer=0, batch_size=2048, buffer_batches=8, block_examples=8, block_tokens=16)
+    dl = ShuffledLoader(cfg)
+    data_bytes = dl.n_tokens * d_model * 4
+    window_rows = dl.blocks_per_window * dl.block_rows
+    slots = dl.n_slots * cfg.batch_size * d_model * 4
+    # per window row: address, permutation, chunk id, sort order, metadata (example, token, label); 3 windows in flight
+    index = 3 * window_rows * 8 * 8
+    bound = slots + index + 16 * 2**20  # + 16 MB for the threads' stacks and the allocator
+    assert data_bytes > 4 * bound, (data_bytes, bound)
+    base, peak, n = _rss_anon(), 0, 0
+    for b in dl:
+        n += len(b['acts']); peak = max(peak, _rss_anon())
+        del b
+    assert n == dl.n_tokens
+    assert peak - base <= bound, f'private memory grew by {(peak - base) / 2**20:.0f} MB; bound {bound / 2**20:.0f} MB'
+
+
+def test_release_drops_consumed_windows_and_keeps_the_stream(tmp_path):
+    "With `release` the reader drops each window four windows later; the batches are exactly those without it."
+    d = make_random_shards(tmp_path, n_examples=40, layers=(0,), d_model=1024, content_tokens=8, max_tokens_per_shard=20 * 9, seed=0)
+    cfg = ShuffledConfig(shards=d, layer=0, batch_size=32, buffer_batches=1, block_examples=4, block_tokens=4, release=True)
+    dl = ShuffledLoader(cfg)
+    assert dl.release and not ShuffledLoader(dataclasses.replace(cfg, release=None)).release  # 1.3 MB: fits, kept
+    released, release = [], dl.src.release
+    dl.src.release = lambda blks: released.append(blks) or release(blks)
+    got, want = list(dl), list(ShuffledLoader(dataclasses.replace(cfg, release=False)))
+    assert len(got) == len(want) == 10
+    for x, y in zip(got, want): assert all(torch.equal(x[k], y[k]) for k in x)
+    order, _ = dl._windows(0)
+    k = dl.blocks_per_window
+    assert [b.tolist() for b in released] == [dl.blocks[np.sort(order[w * k:(w + 1) * k])].tolist() for w in range(10 - 4)]
+    # the pages themselves: read by a prefetch (small folios), released, gone from the page cache
+    src = ShardSource(make_random_shards(tmp_path / 'fresh', n_examples=40, layers=(0,), d_model=1024, content_tokens=8,
+                                         max_tokens_per_shard=20 * 9, seed=1), 0)  # files no loader has mapped
+    for fp in src.fpaths:
+        fd = os.open(fp, os.O_RDONLY); os.fsync(fd); os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED); os.close(fd)
+    blks = src.blocks(block_examples=4, block_tokens=4)[:2]
+    sh, lo, hi = src.spans(blks)
+    def cached(s, off):
+        try: os.preadv(src._fd(s), [bytearray(1)], off, os.RWF_NOWAIT); return True
+        except BlockingIOError: return False
+    src.prefetch(blks)
+    deadline = time.time() + 5
+    while not cached(int(sh[0]), int(lo[0])) and time.time() < deadline: time.sleep(0.01)
+    src.shard_arrays()[0][int(lo[0]) // src.row_bytes].sum()  # mapped and touched, as the gather leaves it
+    assert src.release(blks) == int((hi - lo).sum())  # spans of whole 4 KB rows: every byte is on a page of its own
+    if cached(int(sh[0]), int(lo[0])): pytest.skip('the kernel kept the pages after DONTNEED')

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from saev_nb.data import MissingFileError, UserError
+from saev_nb.shards import ShardError
 from saev_nb.probe import (BatchedAdamW, LinearProbes, ProbeError, ProbeSweepError, ProbeTrainConfig, ProbeValidateConfig,
                            ActsConfig, ImgsConfig, confusion, load_probe, load_probe_sweep, predict_pixels, save_probe,
                            seg_scores, stack_probes, train_probe_sweep, train_probes, validate_saved_probes)
@@ -148,7 +149,7 @@ def test_cli_train_then_validate(tiny, tmp_path):
 def test_bad_input(tiny, tmp_path):
     cfg = lambda **kw: ProbeTrainConfig(**{'train_acts': ActsConfig(tiny['train']), 'val_acts': ActsConfig(tiny['val']),
                                            'imgs': ImgsConfig(tiny['root']), 'out': tmp_path, **kw})
-    with pytest.raises(ProbeError, match=r'layer 1 was not recorded \(recorded: \[2, 3\]\)'):
+    with pytest.raises(ShardError, match=r'layer 1 was not recorded \(layers: \[2, 3\]\)'):
         train_probe_sweep(cfg(train_acts=ActsConfig(tiny['train'], 1)))
     from saev_nb.shards import make_random_shards
     nolab = make_random_shards(tmp_path/'nolab', labels=False)

@@ -63,3 +63,43 @@ def test_saev_batchtopk_checkpoint(tmp_path):
         torch.save(state, fd)
     sae = load_sae(tmp_path/'sae.pt')
     assert float(sae.threshold) == 0.25 and isinstance(sae.cfg.activation, BatchTopK)
+
+@pytest.mark.parametrize('objective,prefixes', [(Vanilla(), None), (Matryoshka(n_prefixes=3), [4, 16, 32])])
+@pytest.mark.parametrize('pre_subtract', [False, True])
+def test_fused_relu_l1_gradients_bit_identical(objective, prefixes, pre_subtract):
+    "`relu_l1` (the default) against plain autograd (`fused=False`): loss, statistics and every gradient, bit for bit."
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0)) - 0.3
+    out = []
+    for fused in (True, False):
+        sae = SAE(SAEConfig(d_model=8, d_sae=32, pre_subtract_b_dec=pre_subtract), seed=3)
+        with torch.no_grad(): sae.b_enc.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))  # some codes 0
+        loss, st = sae_loss(sae, x, objective, 1e-2, prefixes=prefixes, fused=fused)
+        loss.backward()
+        out.append((st, {k: p.grad for k, p in sae.named_parameters()}))
+    (st_f, g_f), (st_p, g_p) = out
+    assert 0 < float(st_f['l0']) < 32
+    for k in ('loss', 'mse', 'mse_prefix', 'l1', 'l0', 'sparsity', 'f_x', 'x_hat', 'fired_s'):
+        assert torch.equal(st_f[k], st_p[k]), k
+    for k in g_p: assert torch.equal(g_f[k], g_p[k]), k
+
+def test_fused_relu_l1_bf16_autocast_within_rounding():
+    "Under bf16 autocast the fused backward adds the L1 constant before rounding: gradients agree to bf16 rounding."
+    x = torch.randn(128, 16, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for fused in (True, False):
+        sae = SAE(SAEConfig(d_model=16, d_sae=64), seed=0)
+        with torch.autocast('cpu', dtype=torch.bfloat16): loss, _ = sae_loss(sae, x, Vanilla(), 1e-2, fused=fused)
+        loss.backward(); grads.append({k: p.grad.float() for k, p in sae.named_parameters()})
+    for k in grads[0]:
+        scale = grads[1][k].abs().max()
+        assert (grads[0][k] - grads[1][k]).abs().max() <= 2 ** -7 * scale, k
+
+def test_fused_flag_leaves_other_activations_alone():
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(0))
+    for act in (TopK(top_k=3), BatchTopK(top_k=3)):
+        res = []
+        for fused in (True, False):
+            sae = SAE(SAEConfig(d_model=8, d_sae=32, activation=act), seed=5)
+            loss, st = sae_loss(sae, x, Matryoshka(n_prefixes=3), prefixes=[4, 16, 32], fused=fused)
+            loss.backward(); res.append((loss.detach(), sae.W_enc.grad, st['l1']))
+        assert all(torch.equal(a, b) for a, b in zip(*res))

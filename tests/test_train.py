@@ -91,6 +91,20 @@ def test_cli_bad_d_model(tmp_path):
              '--sae.d-model', 768, '--n-train', 1000)
     assert r.returncode != 0 and 'd_model=32' in r.stderr
 
+def test_cli_layer_and_token_set_problems(tmp_path):
+    "The shards' metadata resolves the layer and the token set (`Metadata.layer_problem`, `token_span`): one line each."
+    from helpers import cli_fails
+    from saev_nb.shards import make_random_shards
+    sh = _shards(tmp_path)
+    nocls = make_random_shards(tmp_path/'nocls', n_examples=64, layers=(0, 1), d_model=32, content_tokens=16, cls_token=False)
+    base = ['train', '--runs-root', tmp_path/'runs', '--train-data.batch-size', 128, '--val-data.batch-size', 128,
+            '--sae.d-model', 32, '--n-train', 1000]
+    line = cli_fails(*base, '--train-data.shards', sh, '--val-data.shards', sh, '--train-data.layer', 5, '--val-data.layer', 5,
+                     contains=f'{sh}/metadata.json: layer 5 was not recorded (layers: [0, 1]); pass one of those as --train-data.layer')
+    assert 'pass one of those as --val-data.layer' in line  # every problem, in one line
+    cli_fails(*base, '--train-data.shards', nocls, '--val-data.shards', nocls, '--train-data.tokens', 'cls', '--val-data.tokens', 'cls',
+              contains=f"{nocls}/metadata.json: cls_token is false, so tokens='cls' has nothing to read")
+
 def test_submitit_local_executor(tmp_path):
     sh = _shards(tmp_path)
     d = ShuffledConfig(shards=sh, layer=0, batch_size=128)
@@ -124,3 +138,21 @@ def test_eval_json_agrees_with_inference_metrics(tmp_path):
     assert ev['l0'] == pytest.approx(m['l0'], rel=1e-9) and ev['l1'] == pytest.approx(m['l1'], rel=1e-9)
     counts = ('n_dead', 'n_almost_dead', 'n_dense', 'd_sae')
     assert [ev[k] for k in counts] == [m[k] for k in counts]
+
+def test_compile_matches_eager(tmp_path):
+    "`compile=True` trains the same SAEs as eager (ReLU+L1 vanilla, and Matryoshka whose prefixes change every step)."
+    import time
+    x = sparse_dictionary_data(n=64 * 6, d=8, n_atoms=16, seed=0)[0]
+    t0 = time.perf_counter()
+    for obj in (Vanilla(sparsity_coeff=1e-2), Matryoshka(n_prefixes=3)):
+        cfg = replace(_base(tmp_path, sae=SAEConfig(d_model=8, exp_factor=2), objective=obj, lr=1e-2, n_lr_warmup=2,
+                            n_sparsity_warmup=3), n_train=64 * 6)
+        eager, comp = SAETrainer(cfg, 6), SAETrainer(replace(cfg, compile=True), 6)
+        for b, x_bd in enumerate(x.split(64)):
+            st_e, st_c = eager.step(x_bd, b), comp.step(x_bd, b)
+            assert abs(float(st_e['loss']) - float(st_c['loss'])) <= 1e-5 * float(st_e['loss'])
+            assert torch.equal(st_e['fired_s'], st_c['fired_s'])
+        for k, p in eager.sae.state_dict().items():
+            assert torch.allclose(p, comp.sae.state_dict()[k], rtol=0, atol=1e-5), k
+    assert run_id(cfg) == run_id(replace(cfg, compile=True))  # how a step runs is not part of what is trained
+    print(f'compile test: {time.perf_counter() - t0:.1f} s')

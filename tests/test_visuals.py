@@ -193,3 +193,26 @@ def test_find_inference_picks_the_plain_evaluation(fake_eval, tmp_path):
     finally:
         for d in (other, base / 'layer2-cls'): shutil.rmtree(d, ignore_errors=True)
         if (tmp_path / 'moved').exists(): shutil.move(tmp_path / 'moved', base / 'layer2-content')
+
+
+@pytest.mark.parametrize('family,ckpt,img_size', [('clip', 'saev-tiny/random', None),
+                                                  ('dinov2', 'vit_small_patch14_dinov2.lvd142m/random', 56)])
+def test_display_and_label_transforms_share_the_models_geometry(family, ckpt, img_size):
+    """open_clip's and timm's preprocessing through the one walker (`models.geometry_steps`): the image `visuals` shows
+    is the model input before normalisation, and the label map lands on the same pixels (10 vertical stripes)."""
+    from torchvision import transforms as T
+    from saev_nb.models import load_transforms, geometry_steps
+    from saev_nb.visuals import display_transform
+    img_tf, seg_tf = load_transforms(family, ckpt, img_size=img_size)
+    assert [type(t).__name__ for t in geometry_steps(img_tf)] == ['Resize', 'CenterCrop']
+    stripe_hw = np.broadcast_to(np.arange(200) * 10 // 200, (150, 200)).astype(np.uint8)
+    img, lab = Image.fromarray(np.repeat(stripe_hw[..., None] * 25, 3, axis=2)), Image.fromarray(stripe_hw, mode='L')
+    x_chw, shown, y_hw = img_tf(img), display_transform(img_tf)(img), seg_tf(lab)
+    assert x_chw.shape[1:] == y_hw.shape == shown.size[::-1]
+    norm = next(t for t in img_tf.transforms if type(t).__name__ == 'Normalize')
+    mean, std = (torch.as_tensor(v, dtype=torch.float32).view(3, 1, 1) for v in (norm.mean, norm.std))
+    torch.testing.assert_close(T.functional.to_tensor(shown), x_chw * std + mean, atol=1e-5, rtol=0)
+    r_hw = torch.from_numpy(np.asarray(shown)[..., 0].astype(np.int64))
+    assert ((r_hw - 25 * y_hw.long()).abs() <= 2).float().mean() > 0.85  # stripe interiors agree (edges blur)
+    with pytest.raises(UserError, match='RandomHorizontalFlip is not a known geometric step'):
+        display_transform(T.Compose([T.RandomHorizontalFlip()]))
