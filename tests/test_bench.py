@@ -70,8 +70,8 @@ def test_bench_loader_reuses_data(tmp_path, monkeypatch):
 def test_resource_watch_sees_fresh_memory():
     import numpy as np
     from saev_nb.bench import ResourceWatch
-    with ResourceWatch(ROOT) as w: held = np.ones(2 ** 25)
-    assert w.result['rss_anon_peak_gb'] - w.result['rss_anon_start_gb'] > 0.25 and held.sum() == 2 ** 25
+    with ResourceWatch(ROOT) as w: held = np.ones(2 ** 26)  # 0.54 GB
+    assert w.result['rss_anon_peak_gb'] - w.result['rss_anon_start_gb'] > 0.4 and held.sum() == 2 ** 26
     assert w.result['swap_used_peak_gb'] <= w.result['swap_total_gb'] and w.result['device_reads'] >= 0
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from saev_nb.data import MissingFileError, UserError
-from saev_nb.loaders import (GatherTicket, IndexedDataset, LoaderError, Normalizer, OrderedConfig, OrderedLoader, RowGather, ShardSource,
+from saev_nb.loaders import (ExampleReader, GatherTicket, IndexedDataset, LoaderError, Normalizer, OrderedConfig, OrderedLoader, RowGather, ShardSource,
                              ShuffledConfig, ShuffledLoader, background, batch_entropy)
 from saev_nb.shards import HASH_FNAME, Metadata, ShardError, load_shard_info, make_random_shards, open_shard, shard_name
 
@@ -461,3 +461,27 @@ def test_release_drops_consumed_windows_and_keeps_the_stream(tmp_path):
     src.shard_arrays()[0][int(lo[0]) // src.row_bytes].sum()  # mapped and touched, as the gather leaves it
     assert src.release(blks) == int((hi - lo).sum())  # spans of whole 4 KB rows: every byte is on a page of its own
     if cached(int(sh[0]), int(lo[0])): pytest.skip('the kernel kept the pages after DONTNEED')
+
+
+# ExampleReader: whole examples in storage order, against the stored bytes and labels.bin
+@pytest.mark.parametrize('tokens,dtype', [('content', 'float32'), ('all', 'float32'), ('cls', 'float32'), ('all', 'float16')])
+def test_example_reader_gives_whole_stored_examples(sd, tokens, dtype):
+    "Every example once, in storage order, equal to the stored bytes, with its labels.bin row."
+    ref = _stored(sd, 5)[:, {'content': slice(1, None), 'all': slice(None), 'cls': slice(0, 1)}[tokens]]
+    n_t = ref.shape[1]
+    rd = ExampleReader(sd, 5, tokens, batch_size=n_t * 10 - 1, dtype=dtype)  # 9 examples a batch: crosses shards of 14
+    got = list(rd)
+    assert rd.examples_per_batch == 9 and len(got) == len(rd) == 6 and [len(b['acts']) for b in got] == [9] * 5 + [5]
+    acts = torch.cat([b['acts'] for b in got])
+    assert acts.dtype == getattr(torch, dtype) and acts.shape == (50, n_t, 16)
+    torch.testing.assert_close(acts.float(), torch.from_numpy(ref), atol=0 if dtype == 'float32' else 1e-2, rtol=1e-3)
+    assert torch.equal(torch.cat([b['example_idx'] for b in got]), torch.arange(50))
+    labels = np.fromfile(sd/'labels.bin', np.uint8).reshape(50, P)
+    assert torch.equal(torch.cat([b['labels'] for b in got]), torch.from_numpy(labels).long())
+    assert ExampleReader(sd, 5, tokens, batch_size=10**9).examples_per_batch == 50
+
+
+def test_example_reader_without_labels(tmp_path):
+    d = make_random_shards(tmp_path, n_examples=8, layers=(0,), d_model=8, content_tokens=4, labels=False)
+    b = next(iter(ExampleReader(d, 0, batch_size=3 * 4)))
+    assert sorted(b) == ['acts', 'example_idx'] and b['acts'].shape == (3, 4, 8)
