@@ -852,9 +852,9 @@ class ExampleReader:
                  n_threads: int = 2,  # reader threads
                  device: str = 'cpu',  # where batches go
                  normalizer: Normalizer | None = None):  # applied to every batch
-        src = ShardSource(shards, layer, tokens)  # the token set's width sizes the ordered loader's batches
-        n_sel, n_ex = src.n_sel, max(1, min(batch_size // src.n_sel, src.n_examples))
-        src.close()
+        md = Metadata.load(shards)  # the token set's width sizes the loader's batches; the loader checks the rest
+        n_sel = md.token_span(tokens)[1]
+        n_ex = max(1, min(batch_size // n_sel, md.n_examples))
         cfg = OrderedConfig(shards=Path(shards), layer=layer, tokens=tokens, batch_size=n_ex * n_sel, dtype=dtype,
                             n_threads=n_threads, device=device)
         self.loader = OrderedLoader(cfg, normalizer)

@@ -123,7 +123,7 @@ class SAE(nn.Module):
         W_dec = nn.init.kaiming_uniform_(torch.empty(self.d_sae, self.d_model), generator=g)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)
-        self.W_enc = nn.Parameter(W_dec.T.clone())
+        self.W_enc = nn.Parameter(W_dec.T.contiguous())  # row-major: no transposed gradient copy per step
         self.b_enc = nn.Parameter(torch.zeros(self.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(self.d_model))
         if isinstance(cfg.activation, BatchTopK): self.register_buffer('threshold', torch.tensor(-1.0))
@@ -182,8 +182,9 @@ def normalize_w_dec(self: SAE):
 def remove_parallel_grads(self: SAE):
     "Remove from `W_dec.grad` the component parallel to each row: `g - (g.w / w.w) w`."
     if not self.cfg.remove_parallel_grads or self.W_dec.grad is None: return
-    w, g = self.W_dec, self.W_dec.grad
-    g.sub_(((g * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True).clamp(min=1e-12)) * w)
+    w, g = self.W_dec, self.W_dec.grad  # row dots, a norm reduction and one fused update: three passes over W_dec
+    coef_s = torch.linalg.vecdot(g, w) / torch.linalg.vector_norm(w, dim=1).square_().clamp_(min=1e-12)
+    g.addcmul_(coef_s[:, None], w, value=-1)
 
 # %% ../nbs/04_sae.ipynb #bbb38711
 @patch
@@ -305,10 +306,10 @@ def sae_loss(sae: SAE, x_bd: Tensor, # model and batch
     if not isinstance(act, Relu) and act.aux_alpha > 0 and dead_s is not None and sae.training:
         aux = act.aux_alpha * auxk_loss(sae, x_bd, h_bs, x_hat, dead_s, act.aux_k)
     loss = mse_loss + sparsity + aux
-    with torch.no_grad():  # codes are >= 0: count_nonzero and amax are the cheap forms of `(f > 0).sum()` and `.any(0)`
+    with torch.no_grad():  # codes are >= 0: sign-sums and amax are the cheap forms of `(f > 0).sum()` and `.any(0)`
         mse = ((x_hat - x_bd) ** 2).mean() if matryoshka else mse_loss.detach()
         stats = dict(loss=loss.detach(), mse=mse, mse_prefix=mse_loss.detach(), l1=l1.detach(),
-                     l0=torch.count_nonzero(f_bs) / len(x_bd), sparsity=sparsity.detach(), aux=aux.detach(),
+                     l0=f_bs.sign().sum(-1).mean(), sparsity=sparsity.detach(), aux=aux.detach(),
                      fired_s=f_bs.amax(0) > 0, f_x=f_bs.detach(), x_hat=x_hat.detach())
     return loss, stats
 

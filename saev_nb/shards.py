@@ -26,6 +26,7 @@ __all__ = ['DTYPES', 'TORCH_DTYPES', 'HASH_FNAME', 'SAEV_DATA_CLASSES', 'Tokens'
 
 # %% ../nbs/02_shards.ipynb #0bdf2234
 from .data import UserError, read_class_names
+from .models import load_vit, split_ckpt
 
 class ShardError(UserError, ValueError):
     "A shard directory or a shard-writing request is wrong; the message names the path and the fix."
@@ -245,8 +246,8 @@ def resolve_layer(self: Metadata,
     if layer is None: return self.layers[-1]
     layer = int(layer)
     if layer < 0:
-        from saev_nb.shards import vit_for_shards  # defined below, with the writer (it loads the recording model)
-        try: vit = vit_for_shards(self, geometry_only=True)  # the recording model's own resolver
+        # the recording model's own resolver: its architecture alone (random init, no weights) gives the depth
+        try: vit = load_vit(self.family, f'{split_ckpt(self.ckpt)[0]}/random')
         except UserError: vit = None  # no model behind these shards (e.g. generated ones)
         if vit is not None: layer = vit.resolve_layers([layer])[0]
         elif -len(self.layers) <= layer: layer = self.layers[layer]

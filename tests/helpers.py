@@ -13,14 +13,17 @@ def cli(*args, check=True, env=None, timeout=900, input=None):
     if check: assert r.returncode == 0, f'exit {r.returncode}\nstdout: {r.stdout[-2000:]}\nstderr: {r.stderr[-3000:]}'
     return r
 
-def cli_fails(*args, contains='', env=None):
-    "The console script on bad input: exit 2, one line on stderr starting `saev_nb <cmd>:` and containing `contains`."
-    r = cli(*args, check=False, env=env)
+def one_line_failure(r: subprocess.CompletedProcess, contains: str = '') -> str:
+    "Asserts exit 2 and one line on stderr starting `saev_nb <cmd>:` and containing `contains`; returns that line."
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2, f'exit {r.returncode}\nstderr: {r.stderr[-3000:]}'
     assert len(lines) == 1 and lines[0].startswith('saev_nb '), f'not one line:\n{r.stderr[-3000:]}'
     assert 'Traceback' not in r.stderr and contains in lines[0], lines[0]
     return lines[0]
+
+def cli_fails(*args, contains='', env=None):
+    "The console script on bad input: exit 2, one line on stderr starting `saev_nb <cmd>:` and containing `contains`."
+    return one_line_failure(cli(*args, check=False, env=env), contains)
 
 def run(fn, *args):
     "A CLI function with its config parsed by tyro from `args`, in-process (saves the interpreter start-up)."
@@ -35,3 +38,31 @@ def tiny_shards(dpath, seed=1):
                                        batch_size=32, n_workers=0), progress=False)
           for s in ('training', 'validation')}
     return {'root': root, 'train': sh['training'], 'val': sh['validation'], 'dpath': dpath}
+
+def cli_in_process(*args, check=True, env=None):
+    """`cli` without the interpreter start-up (seconds per call): `saev_nb.cli.main` in this process, its stdout and
+    stderr captured (warnings in the command's own one-line form) in a `CompletedProcess`.
+    For tests that run a command many times; keep at least one `cli` test per command for the installed script.
+    `env` is set in `os.environ` for the call (read at call time, like `progress_bar`'s TQDM_DISABLE), then restored."""
+    import contextlib, io, warnings
+    from saev_nb.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    old = {k: os.environ.get(k) for k in env or {}}
+    try:
+        os.environ.update(env or {})
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            warnings.resetwarnings()  # the filters of a fresh interpreter: each warning once per place, these hidden
+            for cat in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter('ignore', cat)
+            rc = main([str(a) for a in args])  # main's own one-line format writes warnings to the captured stderr
+    finally:
+        for k, v in old.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
+    r = subprocess.CompletedProcess(['saev_nb', *map(str, args)], rc, out.getvalue(), err.getvalue())
+    if check: assert rc == 0, f'exit {rc}\nstdout: {r.stdout[-2000:]}\nstderr: {r.stderr[-3000:]}'
+    return r
+
+def cli_in_process_fails(*args, contains='', env=None):
+    "`cli_fails` in-process: exit 2, one stderr line starting `saev_nb <cmd>:` and containing `contains`."
+    return one_line_failure(cli_in_process(*args, check=False, env=env), contains)

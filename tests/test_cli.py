@@ -1,6 +1,7 @@
 """The `saev_nb` command as users run it: the installed console script in a subprocess, its exit statuses, stdout and
 stderr; the trainer's checks before the first step, non-finite data, signals, locks and damaged run files; the
-guide's sweep file verbatim; the Python API of a trained run."""
+guide's sweep file verbatim; the Python API of a trained run. A test that runs the same command many times runs the
+first through the console script and the rest in-process (`helpers.cli_in_process`: the same `main`, no start-up)."""
 import json, os, signal, subprocess, sys, time
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest, torch
 from safetensors.torch import load_file
 
-from helpers import SAEV_NB, cli, cli_fails
+from helpers import SAEV_NB, cli, cli_fails, cli_in_process, cli_in_process_fails
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,16 +56,16 @@ def test_train_user_errors_are_one_line(sh, tmp_path):
     runs = tmp_path/'runs'
     (tmp_path/'bad.toml').write_text('lr = [1e-3')
     cli_fails(*_train_args(runs, sh, '--sweep', tmp_path/'bad.toml'), contains='bad.toml: malformed TOML')
-    cli_fails(*_train_args(runs, sh, '--train-data.batch-size', 100_000, '--n-train', 200_000, '--n-lr-warmup', 0),
-              contains='--train-data.batch-size 100000 is more than the 1024 content tokens')
-    line = cli_fails(*_train_args(runs, sh, '--lr', 0, '--ckpt-every', 0, '--n-val', 0), contains='--lr 0.0')
+    cli_in_process_fails(*_train_args(runs, sh, '--train-data.batch-size', 100_000, '--n-train', 200_000, '--n-lr-warmup', 0),
+                         contains='--train-data.batch-size 100000 is more than the 1024 content tokens')
+    line = cli_in_process_fails(*_train_args(runs, sh, '--lr', 0, '--ckpt-every', 0, '--n-val', 0), contains='--lr 0.0')
     assert '--ckpt-every 0' in line and '--n-val 0' in line  # every problem in one line
-    cli_fails(*_train_args(runs, sh, '--sae.d-model', 768), contains='set --sae.d-model 32')
-    cli_fails(*_train_args(runs, sh, '--val-data.layer', 0), contains='validation layer is 0 but training layer is 1')
+    cli_in_process_fails(*_train_args(runs, sh, '--sae.d-model', 768), contains='set --sae.d-model 32')
+    cli_in_process_fails(*_train_args(runs, sh, '--val-data.layer', 0), contains='validation layer is 0 but training layer is 1')
     other = _shards(tmp_path/'other', d_model=16)
-    cli_fails(*_train_args(runs, sh, val=other), contains='validation d_model is 16')
-    cli_fails(*_train_args(runs, sh, '--device', 'cuda'), contains='no CUDA GPU')
-    cli_fails(*_train_args(runs, sh, 'sae.activation:topk', '--sae.activation.top-k', 1000), contains='use 1..64')
+    cli_in_process_fails(*_train_args(runs, sh, val=other), contains='validation d_model is 16')
+    cli_in_process_fails(*_train_args(runs, sh, '--device', 'cuda'), contains='no CUDA GPU')
+    cli_in_process_fails(*_train_args(runs, sh, 'sae.activation:topk', '--sae.activation.top-k', 1000), contains='use 1..64')
     assert not runs.exists() or not any(runs.rglob('eval.json'))  # nothing trained
 
 def test_debug_env_shows_traceback(sh, tmp_path):
@@ -110,15 +111,15 @@ def test_one_trainer_per_run_and_damaged_files(sh, tmp_path):
     from saev_nb.data import hold_lock
     r = cli(*_train_args(tmp_path/'runs', sh, '--ckpt-every', 8))
     run = Path(r.stdout.strip().splitlines()[-1])
-    again = cli(*_train_args(tmp_path/'runs', sh, '--ckpt-every', 8))
+    again = cli_in_process(*_train_args(tmp_path/'runs', sh, '--ckpt-every', 8))
     assert 'already trained (eval.json exists); skipping' in again.stderr
     (run/'eval.json').write_text('')
-    cli_fails(*_train_args(tmp_path/'runs', sh, '--ckpt-every', 8), contains='eval.json: damaged (not JSON); rerun with --restart')
+    cli_in_process_fails(*_train_args(tmp_path/'runs', sh, '--ckpt-every', 8), contains='eval.json: damaged (not JSON); rerun with --restart')
     (run/'eval.json').unlink(); (run/'checkpoint.pt').write_bytes(b'PK\x03\x04 truncated')
-    cli_fails(*_train_args(tmp_path/'runs', sh, '--ckpt-every', 8), contains='checkpoint.pt: damaged checkpoint')
-    with hold_lock(run, 'trainer of this run'):
+    cli_in_process_fails(*_train_args(tmp_path/'runs', sh, '--ckpt-every', 8), contains='checkpoint.pt: damaged checkpoint')
+    with hold_lock(run, 'trainer of this run'):  # another process (the console script) finds the lock
         cli_fails(*_train_args(tmp_path/'runs', sh, '--ckpt-every', 8, '--restart'), contains=f'(pid {os.getpid()}')
-    cli(*_train_args(tmp_path/'runs', sh, '--ckpt-every', 8, '--restart'))
+    cli_in_process(*_train_args(tmp_path/'runs', sh, '--ckpt-every', 8, '--restart'))
     assert json.loads((run/'eval.json').read_text())['n_tokens'] == 512
 
 # --- the guide's spelling --------------------------------------------------------------------------------------------

@@ -143,7 +143,7 @@ import os, shutil, subprocess
 from pathlib import Path
 
 import pandas as pd
-from helpers import cli, cli_fails, tiny_shards
+from helpers import cli, cli_fails, cli_in_process, cli_in_process_fails, tiny_shards
 
 
 def _train(shards, layer, runs_root, d_model, sweep=None, **kw):
@@ -189,19 +189,19 @@ def test_inference_cli_writes_skips_and_forces(trained):
     np.testing.assert_allclose(np.load(out / 'freqs.npy'), (acts.toarray() != 0).mean(0), rtol=1e-6)
     # rerun: says it skips and why, files untouched; --force recomputes
     mtime = (out / 'metrics.json').stat().st_mtime_ns
-    r = cli('inference', '--run', run, '--data.shards', shards, '--data.layer', 1)
+    r = cli_in_process('inference', '--run', run, '--data.shards', shards, '--data.layer', 1)
     assert 'already evaluated' in r.stderr and 'skipping' in r.stderr and '--force' in r.stderr
     assert Path(r.stdout.strip()) == out and (out / 'metrics.json').stat().st_mtime_ns == mtime
-    cli('inference', '--run', run, '--data.shards', shards, '--force')
+    cli_in_process('inference', '--run', run, '--data.shards', shards, '--force')
     assert (out / 'metrics.json').stat().st_mtime_ns != mtime
 
 
 def test_inference_layer_defaults_and_negative_layers(trained):
     "No --data.layer: the training layer; -1 resolves as `shards --layers` does (here the last recorded block, no model)."
     tmp, shards, (run, _) = trained
-    assert Path(cli('inference', '--run', run, '--data.shards', shards).stdout.strip()) == _key_dir(run, shards)
-    assert Path(cli('inference', '--run', run, '--data.shards', shards, '--data.layer', -1).stdout.strip()) == _key_dir(run, shards)
-    cli_fails('inference', '--run', run, '--data.shards', shards, '--data.layer', -2, contains='trained on layer 1, but --data.layer is -2 (block 0)')
+    assert Path(cli_in_process('inference', '--run', run, '--data.shards', shards).stdout.strip()) == _key_dir(run, shards)
+    assert Path(cli_in_process('inference', '--run', run, '--data.shards', shards, '--data.layer', -1).stdout.strip()) == _key_dir(run, shards)
+    cli_in_process_fails('inference', '--run', run, '--data.shards', shards, '--data.layer', -2, contains='trained on layer 1, but --data.layer is -2 (block 0)')
 
 
 def test_inference_negative_layer_uses_the_models_blocks(tmp_path):
@@ -213,21 +213,21 @@ def test_inference_negative_layer_uses_the_models_blocks(tmp_path):
     vit = load_vit(md.family, md.ckpt)
     assert [md.resolve_layer(l) for l in (-1, -2)] == list(vit.resolve_layers([-1, -2]))[::-1] == [3, 2]
     (run,) = _train(d['train'], 3, tmp_path / 'runs', md.d_model, n_train=48 * 64 * 2, n_val=1024)
-    out = Path(cli('inference', '--run', run, '--data.shards', d['val'], '--data.layer', -1).stdout.strip())
+    out = Path(cli_in_process('inference', '--run', run, '--data.shards', d['val'], '--data.layer', -1).stdout.strip())
     assert out == run / 'inference' / d['val'].name / 'layer3-content'
-    cli_fails('inference', '--run', run, '--data.shards', d['val'], '--data.layer', -2, contains='--data.layer is -2 (block 2); pass --data.layer 3')
-    cli_fails('inference', '--run', run, '--data.shards', d['val'], '--data.layer', -5, contains='out of range for 4 blocks')
+    cli_in_process_fails('inference', '--run', run, '--data.shards', d['val'], '--data.layer', -2, contains='--data.layer is -2 (block 2); pass --data.layer 3')
+    cli_in_process_fails('inference', '--run', run, '--data.shards', d['val'], '--data.layer', -5, contains='out of range for 4 blocks')
 
 
 def test_inference_several_runs_in_one_call(trained):
     tmp, shards, runs = trained
-    r = cli('inference', '--run', *runs, '--data.shards', shards, '--ignore-labels', 2)
+    r = cli_in_process('inference', '--run', *runs, '--data.shards', shards, '--ignore-labels', 2)
     outs = [Path(l) for l in r.stdout.strip().splitlines()]
     assert outs == [_key_dir(p, shards, 'layer1-content-ignore2') for p in runs]
     assert all((o / 'metrics.json').exists() for o in outs)
     # one bad run in the list stops the call before any work
     (tmp / 'runs' / 'unfinished').mkdir(exist_ok=True)
-    cli_fails('inference', '--run', runs[0], tmp / 'runs' / 'unfinished', '--data.shards', shards, '--ignore-labels', 3, contains='unfinished/sae.safetensors: missing')
+    cli_in_process_fails('inference', '--run', runs[0], tmp / 'runs' / 'unfinished', '--data.shards', shards, '--ignore-labels', 3, contains='unfinished/sae.safetensors: missing')
     assert not _key_dir(runs[0], shards, 'layer1-content-ignore3').exists()
 
 
@@ -235,9 +235,9 @@ def test_inference_outputs_keyed_by_settings(trained):
     "Other ignore_labels, tokens or thresholds write next to the earlier results instead of overwriting them."
     from saev_nb.shards import open_labels
     tmp, shards, (run, _) = trained
-    base = Path(cli('inference', '--run', run, '--data.shards', shards).stdout.strip())
+    base = Path(cli_in_process('inference', '--run', run, '--data.shards', shards).stdout.strip())
     before = (base / 'metrics.json').read_bytes()
-    out = Path(cli('inference', '--run', run, '--data.shards', shards, '--ignore-labels', 0, 3).stdout.strip())
+    out = Path(cli_in_process('inference', '--run', run, '--data.shards', shards, '--ignore-labels', 0, 3).stdout.strip())
     assert out == _key_dir(run, shards, 'layer1-content-ignore0_3') and (base / 'metrics.json').read_bytes() == before
     labels = np.asarray(open_labels(shards)).ravel()
     ignored = np.isin(labels, [0, 3])
@@ -247,14 +247,14 @@ def test_inference_outputs_keyed_by_settings(trained):
     assert acts[np.flatnonzero(ignored)].nnz == 0 and np.all(np.diff(acts.indptr)[~ignored] == 4)
     np.testing.assert_allclose(np.load(out / 'freqs.npy'), (acts.toarray()[~ignored] != 0).mean(0), rtol=1e-6)
     assert json.loads((out / 'config.json').read_text())['ignore_labels'] == [0, 3]
-    thr = Path(cli('inference', '--run', run, '--data.shards', shards, '--dense', 0.5, '--no-save-acts').stdout.strip())
+    thr = Path(cli_in_process('inference', '--run', run, '--data.shards', shards, '--dense', 0.5, '--no-save-acts').stdout.strip())
     assert thr.name == 'layer1-content-dead1e-07-dense0.5' and (base / 'metrics.json').read_bytes() == before
 
 
 def test_content_sae_on_cls_tokens_refused_or_flagged(trained):
     tmp, shards, (run, _) = trained
-    cli_fails('inference', '--run', run, '--data.shards', shards, '--data.tokens', 'cls', contains='trained on content tokens, but --data.tokens is cls')
-    r = cli('inference', '--run', run, '--data.shards', shards, '--data.tokens', 'cls', '--other-tokens')
+    cli_in_process_fails('inference', '--run', run, '--data.shards', shards, '--data.tokens', 'cls', contains='trained on content tokens, but --data.tokens is cls')
+    r = cli_in_process('inference', '--run', run, '--data.shards', shards, '--data.tokens', 'cls', '--other-tokens')
     out = Path(r.stdout.strip())
     assert out.name == 'layer1-cls' and 'warning' in r.stderr
     m = json.loads((out / 'metrics.json').read_text())
@@ -268,7 +268,7 @@ def test_inference_bad_input_one_line(trained, tmp_path):
     (tmp_path / 'empty_run').mkdir()
     cli_fails('inference', '--run', tmp_path / 'empty_run', '--data.shards', shards, contains='sae.safetensors: missing')
     narrow = make_random_shards(tmp_path / 'shards', n_examples=8, layers=(1,), d_model=16, content_tokens=16)
-    cli_fails('inference', '--run', run, '--data.shards', narrow, contains='d_model 16, but the SAE')
+    cli_in_process_fails('inference', '--run', run, '--data.shards', narrow, contains='d_model 16, but the SAE')
     # the same checks in-process (the CLI turns each UserError into the one line above)
     no_labels = make_random_shards(tmp_path / 's2', n_examples=8, layers=(1,), d_model=32, labels=False)
     cfg = lambda r, s, **kw: InferenceConfig(run=r, data=EvalDataConfig(shards=s, **kw.pop('data', {})), **kw)
@@ -313,10 +313,10 @@ def test_train_on_full_disk_says_disk_full(trained, small_disk):
 def test_plots_cli_names_runs_by_swept_values(trained, tmp_path):
     from saev_nb.evaluate import PlotsConfig, collect_runs, eval_title, plot_pareto
     tmp, shards, runs = trained
-    cli('inference', '--run', *runs, '--data.shards', shards)
+    cli_in_process('inference', '--run', *runs, '--data.shards', shards)
     (tmp / 'runs' / 'unfinished').mkdir(exist_ok=True)
     (tmp / 'runs' / 'unfinished' / 'config.json').write_text('{}')
-    r = cli('plots', '--runs', tmp / 'runs', '--out', tmp_path / 'plots')
+    r = cli_in_process('plots', '--runs', tmp / 'runs', '--out', tmp_path / 'plots')
     out = Path(r.stdout.strip().splitlines()[-1])
     assert 'skipped unfinished: not finished' in r.stderr and 'swept: lr' in r.stderr
     df = pd.read_csv(out / 'runs.csv')

@@ -12,7 +12,7 @@ def _copy_repo(dst: Path) -> Path:
     for name in ('settings.ini', 'setup.py', 'README.md', '_quarto.yml'):
         if (ROOT/name).exists(): shutil.copy(ROOT/name, dst/name)
     for d in ('nbs', 'saev_nb', 'papers', 'tools'):
-        shutil.copytree(ROOT/d, dst/d, ignore=shutil.ignore_patterns('__pycache__', '_proc', '*.pyc', '.ipynb_checkpoints'))
+        shutil.copytree(ROOT/d, dst/d, ignore=shutil.ignore_patterns('__pycache__', '_proc', '_out', '*.pyc', '.ipynb_checkpoints'))
     return dst
 
 def _tree(dpath: Path, pattern: str) -> dict:

@@ -14,12 +14,16 @@ from saev_nb.shards import (HASH_FNAME, WRITER_LOCK, Metadata, ShardError, Shard
                             load_shard_info, make_random_shards, open_labels, open_shard, shard_name, validate_shards,
                             write_shards, vit_for_shards, writer_lock)
 import saev_nb.shards as shards_mod
-from helpers import SAEV_NB, cli, cli_fails as _cli_fails
+from helpers import SAEV_NB, cli, cli_fails as _cli_fails, cli_in_process_fails as _cli_in_process_fails
 
 
 def cli_fails(*args, contains=''):
     "`helpers.cli_fails` without progress bars (they are allowed on stderr; the error itself is one line)."
     return _cli_fails(*args, contains=contains, env={'TQDM_DISABLE': '1'})
+
+def cli_in_process_fails(*args, contains=''):
+    "The same in-process (`helpers.cli_in_process_fails`: the same `main`, no interpreter start-up)."
+    return _cli_in_process_fails(*args, contains=contains, env={'TQDM_DISABLE': '1'})
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -245,7 +249,7 @@ def test_validate_finds_problems(tmp_path):
         assert '\n' not in str(e.value)
     cli_fails('shards', 'validate', broken(cases[0][0]), contains='acts000001.bin: missing')
     for fn, msg in cases[6:9]:  # a label above the class table, bad bytes and an edit in metadata.json
-        cli_fails('shards', 'validate', broken(fn), contains=msg)
+        cli_in_process_fails('shards', 'validate', broken(fn), contains=msg)
     out = cli('shards', 'validate', d).stdout.splitlines()
     assert out[-1] == str(d) and out[0].startswith('ok: 20 examples') and 'finite: all 20 of 20 examples (680 of 680 token vectors)' in out[0]
 
@@ -384,8 +388,8 @@ def test_validate_scans_for_non_finite_values(tmp_path):
     with open(d / shard_name(2), 'r+b') as f: f.seek(off); f.write(np.array([np.nan], '<f4').tobytes())
     out = cli('shards', 'validate', d).stdout.splitlines()
     assert 'finite: a sample of 64 of 300 examples (320 of 1,500 token vectors); --full checks all' in out[0]
-    cli_fails('shards', 'validate', '--full', d, contains=f'{d / shard_name(2)}: nan at example 201, layer 0, patch 1, dim 3')
-    cli_fails('shards', 'validate', '--n-sample', 300, d, contains='nan at example 201')
+    cli_in_process_fails('shards', 'validate', '--full', d, contains=f'{d / shard_name(2)}: nan at example 201, layer 0, patch 1, dim 3')
+    cli_in_process_fails('shards', 'validate', '--n-sample', 300, d, contains='nan at example 201')
     with pytest.raises(ShardError, match='nan at example 201'): validate_shards(d, scan='full')
     assert validate_shards(d, scan='none') == md
     for dtype, bad in [('float16', np.array([np.inf], '<f2')), ('bfloat16', np.array([0x7F80], '<u2'))]:  # bf16 +inf bits
@@ -417,7 +421,7 @@ def test_saev_naming_renames_symlinks_and_edits(seg_root, tmp_path):
     assert 'rewrite' not in line
     md_txt = (renamed / 'metadata.json').read_text()
     (renamed / 'metadata.json').write_text(md_txt.replace('"layers": [\n    1,', '"layers": [\n    2,'))
-    cli_fails('shards', 'validate', renamed, contains='metadata.json: edited after recording')
+    cli_in_process_fails('shards', 'validate', renamed, contains='metadata.json: edited after recording')
 
 
 def test_second_writer_refused_naming_the_holder_or_waits(seg_root, tmp_path):

@@ -18,7 +18,7 @@ from saev_nb.suppress import (CONDITIONS, F1Counts, FeaturesConfig, SuppressConf
                               run_suppression, summarize, suppress, suppress_experiment, suppression_tables, tail_predictor,
                               top_latents, verdict_sentence)
 
-from helpers import SAEV_NB, cli, cli_fails, run, tiny_shards
+from helpers import SAEV_NB, cli, cli_fails, cli_in_process, run, tiny_shards
 
 
 def f1_brute(f, y, keep, thresholds, n_classes):
@@ -233,7 +233,7 @@ def test_features_prints_commands_that_run(pipeline, tmp_path):
     shown = set(pd.read_csv(index.parent/'latents.csv').latent)
     assert shown == set(feats.latent)
     # after inference, features prints only the visuals command; a re-run says it skips and why
-    r2 = cli('semseg', 'features', *args)
+    r2 = cli_in_process('semseg', 'features', *args)  # in-process: the same `main`, no start-up
     assert 'skipping' in r2.stderr and r2.stdout.strip().splitlines()[-2:] == [vis_cmd, table]
 
 
@@ -276,7 +276,7 @@ def test_features_then_suppress(pipeline, capsys):
                                                                            'selection failed', 'never predicted'}
     assert json.loads((sdir/'conditions.json').read_text())['probe_layer'] == 3
     # a re-run says it skips and why, and prints the same summary
-    r2 = cli(*args)
+    r2 = cli_in_process(*args)  # in-process: the same `main`, no start-up
     assert 'skipping' in r2.stderr and r2.stdout == r.stdout
     # the probe on the SAE's own layer reads the edit directly
     from saev_nb.suppress import features_cli

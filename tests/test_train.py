@@ -6,6 +6,7 @@ import pytest, torch
 from saev_nb.sae import SAEConfig, Relu, TopK, BatchTopK, Vanilla, Matryoshka
 from saev_nb.loaders import ShuffledConfig
 from saev_nb.train import *
+from helpers import cli_in_process, cli_in_process_fails
 
 def _base(tmp_path, **kw):
     d = ShuffledConfig(shards=tmp_path, layer=0, batch_size=256)
@@ -80,16 +81,15 @@ def test_cli_seed_command_and_rerun(tmp_path):
     assert ev['n_tokens'] == 1024 and 0 <= ev['nmse'] < 2 and set(ev) >= {'l0', 'n_dead', 'n_almost_dead', 'n_dense'}
     assert json.loads((run/'config.json').read_text())['objective']['sparsity_coeff'] == 1e-3
     mtime = (run/'sae.safetensors').stat().st_mtime
-    r2 = _cli(*args)  # same command: finished runs are skipped
-    assert r2.returncode == 0 and (run/'sae.safetensors').stat().st_mtime == mtime
-    bad = _cli(*args[:-1], 'lots')
-    assert bad.returncode != 0
+    r2 = cli_in_process(*args)  # same command (in-process: the same `main`): finished runs are skipped
+    assert r2.stdout.strip().splitlines()[-1] == str(run) and (run/'sae.safetensors').stat().st_mtime == mtime
+    with pytest.raises(SystemExit) as bad: cli_in_process(*args[:-1], 'lots')  # tyro rejects the value and exits
+    assert bad.value.code != 0
 
 def test_cli_bad_d_model(tmp_path):
     sh = _shards(tmp_path)
-    r = _cli('train', '--runs-root', tmp_path/'runs', '--train-data.shards', sh, '--train-data.batch-size', 128, '--val-data.shards', sh,
-             '--sae.d-model', 768, '--n-train', 1000)
-    assert r.returncode != 0 and 'd_model=32' in r.stderr
+    cli_in_process_fails('train', '--runs-root', tmp_path/'runs', '--train-data.shards', sh, '--train-data.batch-size', 128,
+                         '--val-data.shards', sh, '--sae.d-model', 768, '--n-train', 1000, contains='d_model=32')
 
 def test_cli_layer_and_token_set_problems(tmp_path):
     "The shards' metadata resolves the layer and the token set (`Metadata.layer_problem`, `token_span`): one line each."
@@ -102,8 +102,8 @@ def test_cli_layer_and_token_set_problems(tmp_path):
     line = cli_fails(*base, '--train-data.shards', sh, '--val-data.shards', sh, '--train-data.layer', 5, '--val-data.layer', 5,
                      contains=f'{sh}/metadata.json: layer 5 was not recorded (layers: [0, 1]); pass one of those as --train-data.layer')
     assert 'pass one of those as --val-data.layer' in line  # every problem, in one line
-    cli_fails(*base, '--train-data.shards', nocls, '--val-data.shards', nocls, '--train-data.tokens', 'cls', '--val-data.tokens', 'cls',
-              contains=f"{nocls}/metadata.json: cls_token is false, so tokens='cls' has nothing to read")
+    cli_in_process_fails(*base, '--train-data.shards', nocls, '--val-data.shards', nocls, '--train-data.tokens', 'cls',
+                         '--val-data.tokens', 'cls', contains=f"{nocls}/metadata.json: cls_token is false, so tokens='cls' has nothing to read")
 
 def test_submitit_local_executor(tmp_path):
     sh = _shards(tmp_path)
@@ -128,7 +128,7 @@ def test_eval_json_agrees_with_inference_metrics(tmp_path):
     run = Path(r.stdout.strip().splitlines()[-1])
     assert (run/'normalizer.safetensors').is_file()
     ev = json.loads((run/'eval.json').read_text())
-    out = Path(cli('inference', '--run', run, '--data.shards', val_sh, '--data.batch-size', 256).stdout.strip())
+    out = Path(cli_in_process('inference', '--run', run, '--data.shards', val_sh, '--data.batch-size', 256).stdout.strip())
     assert out.parent.parent == run/'inference' and out.name == 'layer1-content'
     m = json.loads((out/'metrics.json').read_text())
     assert ev['n_tokens'] == m['n_tokens'] == 48 * 16  # --n-val is capped at one epoch: every validation token once

@@ -9,7 +9,7 @@ import scipy.sparse as sp
 import torch
 from PIL import Image
 
-from helpers import cli, cli_fails, tiny_shards
+from helpers import cli, cli_fails, cli_in_process, cli_in_process_fails, tiny_shards
 from saev_nb.data import UserError
 from saev_nb.evaluate import Metrics, save_inference
 from saev_nb.visuals import (VisualsConfig, filter_report, highlight, html_refs, interesting, patch_maps, pick_latents, read_features, tile,
@@ -108,18 +108,18 @@ def test_cli_writes_gallery(fake_eval, tmp_path):
 
 def test_cli_warns_when_no_latent_passes_the_filter(fake_eval, tmp_path):
     run, shards = fake_eval
-    r = cli('visuals', '--run', run, '--shards', shards, '--latents', 3, '--log10-freq', -9, -8, '--top-k', 2, '--out', tmp_path / 'w')
+    r = cli_in_process('visuals', '--run', run, '--shards', shards, '--latents', 3, '--log10-freq', -9, -8, '--top-k', 2, '--out', tmp_path / 'w')
     assert 'warning: no latent passes the frequency filter' in r.stderr and '--log10-freq -9 -8' in r.stderr and '32 rarer' not in r.stderr
     assert 'denser than the frequency range' in r.stderr
     assert 'no latent passes the frequency filter' in Path(r.stdout.strip()).read_text()  # on the page too
-    cli_fails('visuals', '--run', run, '--shards', shards, '--log10-freq', -9, -8, '--out', tmp_path / 'w2', contains='nothing to show')
+    cli_in_process_fails('visuals', '--run', run, '--shards', shards, '--log10-freq', -9, -8, '--out', tmp_path / 'w2', contains='nothing to show')
 
 
 def test_cli_bad_input_one_line(fake_eval, tmp_path):
     run, shards = fake_eval
     cli_fails('visuals', '--run', tmp_path / 'no_run', '--shards', shards, contains='saev_nb inference --run')
     (tmp_path / 'bad.csv').write_text('a,b\n1,2\n')
-    cli_fails('visuals', '--run', run, '--shards', shards, '--class-latents', tmp_path / 'bad.csv', contains="columns ['f1', 'latent', 'name'] missing")
+    cli_in_process_fails('visuals', '--run', run, '--shards', shards, '--class-latents', tmp_path / 'bad.csv', contains="columns ['f1', 'latent', 'name'] missing")
     # the same checks in-process (the CLI turns each UserError into one line)
     with pytest.raises(UserError, match='metadata.json'): visuals(VisualsConfig(run=run, shards=tmp_path / 'no_shards'))
     with pytest.raises(UserError, match='out of range'): visuals(VisualsConfig(run=run, shards=shards, latents=(999,)))
@@ -137,10 +137,10 @@ def real_gallery(tmp_path_factory):
     data = ShuffledConfig(shards=d['train'], layer=3, batch_size=1024)
     (run,) = train(TrainConfig(train_data=data, val_data=data, sae=SAEConfig(d_model=128, exp_factor=4, activation=TopK(top_k=16)), objective=Vanilla(),
                                n_train=48 * 64 * 10, n_val=2048, lr=3e-3, n_lr_warmup=5, runs_root=tmp / 'runs'), progress=False)
-    cli('inference', '--run', run, '--data.shards', d['train'])
-    r = cli('semseg', 'features', '--sae-ckpt', run / 'sae.safetensors', '--acts.shard-root', d['train'], '--imgs.root', d['root'], '--k', 1, '--out', tmp / 'semseg')
+    cli_in_process('inference', '--run', run, '--data.shards', d['train'])  # in-process: the same `main`, no start-up
+    r = cli_in_process('semseg', 'features', '--sae-ckpt', run / 'sae.safetensors', '--acts.shard-root', d['train'], '--imgs.root', d['root'], '--k', 1, '--out', tmp / 'semseg')
     feats = Path(r.stdout.strip().splitlines()[-1])
-    r = cli('visuals', '--run', run, '--shards', d['train'], '--class-latents', feats, '--n-latents', 3, '--top-k', 8)
+    r = cli_in_process('visuals', '--run', run, '--shards', d['train'], '--class-latents', feats, '--n-latents', 3, '--top-k', 8)
     return Path(r.stdout.strip().splitlines()[-1]), feats
 
 

@@ -4,4 +4,4 @@
 # docs pre-processing). Ends with pytest's count line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec .venv/bin/python -m pytest tests -n 2 "$@"
+exec .venv/bin/python -m pytest tests -n 2 --durations=15 "$@"
