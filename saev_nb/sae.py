@@ -262,22 +262,38 @@ def auxk_loss(sae: SAE, x_bd: Tensor, h_bs: Tensor, x_hat_bd: Tensor, dead_s: Te
 
 # %% ../nbs/04_sae.ipynb #61f895a1
 class _ReluL1(torch.autograd.Function):
-    "Codes `relu(h)` and the L1 term `relu(h).sum(-1).mean()`; the backward is one add and one in-place mask."
+    "ReLU codes, their L1 term and, given a decoder, the reconstruction `relu(h) @ W_dec + b_dec`, in one node."
     @staticmethod
-    def forward(ctx, h_bs: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(ctx, h_bs: Tensor, W_dec: Tensor | None = None, b_dec: Tensor | None = None) -> tuple[Tensor, ...]:
         f_bs = h_bs.relu()
-        ctx.save_for_backward(f_bs)
-        return f_bs, f_bs.sum(-1).mean()
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not a B x s buffer of zeros
+        ctx.save_for_backward(f_bs, W_dec)
+        if W_dec is None: return f_bs, f_bs.sum(-1).mean()
+        return f_bs, f_bs.sum(-1).mean(), torch.addmm(b_dec, f_bs, W_dec)
 
     @staticmethod
-    def backward(ctx, grad_f_bs: Tensor, grad_l1: Tensor) -> Tensor:
-        (f_bs,) = ctx.saved_tensors
-        g_bs = grad_f_bs + grad_l1 / f_bs.shape[0]  # d l1 / d f = 1 / B for every code
-        return torch.ops.aten.threshold_backward.grad_input(g_bs, f_bs, 0, grad_input=g_bs)  # ReLU's own mask
+    def backward(ctx, grad_f_bs: Tensor | None, grad_l1: Tensor | None, grad_x_hat: Tensor | None = None):
+        f_bs, W_dec = ctx.saved_tensors
+        c = None if grad_l1 is None else grad_l1 / f_bs.shape[0]  # d l1 / d f = 1 / B for every code
+        grad_W = grad_b = None
+        if grad_x_hat is not None:  # the decoder's gradient of the codes is made here, so it is ours to change
+            g_bs = grad_x_hat.mm(W_dec.to(grad_x_hat.dtype).t())  # as addmm's backward computes it
+            if grad_f_bs is not None: g_bs += grad_f_bs
+            if c is not None: g_bs += c
+            if ctx.needs_input_grad[1]: grad_W = f_bs.to(grad_x_hat.dtype).t().mm(grad_x_hat)
+            if ctx.needs_input_grad[2]: grad_b = grad_x_hat.sum(0)
+        elif grad_f_bs is not None: g_bs = grad_f_bs + c if c is not None else grad_f_bs.clone()  # autograd's: kept
+        elif c is not None: g_bs = torch.zeros_like(f_bs) + c
+        else: return None, None, None
+        g_bs = torch.ops.aten.threshold_backward.grad_input(g_bs, f_bs, 0, grad_input=g_bs)  # ReLU's own mask
+        return g_bs, grad_W, grad_b
 
-def relu_l1(h_bs: Tensor) -> tuple[Tensor, Tensor]:
-    "ReLU codes `f_bs` of pre-activations `h_bs` (B, s) and their L1 term `f_bs.sum(-1).mean()`, in one autograd node."
-    return _ReluL1.apply(h_bs)
+def relu_l1(h_bs: Tensor,  # pre-activations (B, s)
+            W_dec: Tensor | None = None,  # decoder (s, d): also return the reconstruction from this node
+            b_dec: Tensor | None = None,  # decoder bias (d,), with `W_dec`
+           ) -> tuple[Tensor, ...]:
+    "ReLU codes `f_bs`, their L1 term `f_bs.sum(-1).mean()` and, given `W_dec`, `x_hat = f_bs @ W_dec + b_dec`."
+    return _ReluL1.apply(h_bs, W_dec, b_dec)
 
 # %% ../nbs/04_sae.ipynb #4ce42704
 def sae_loss(sae: SAE, x_bd: Tensor, # model and batch
@@ -289,15 +305,19 @@ def sae_loss(sae: SAE, x_bd: Tensor, # model and batch
             ) -> tuple[Tensor, dict]:
     "Loss of `sae` on `x_bd` and its parts `loss, mse, l1, l0, sparsity, aux` (+ `fired_s`, `f_x`, `x_hat`)."
     act = sae.cfg.activation
-    if fused and isinstance(act, Relu): h_bs = sae.pre_acts(x_bd); f_bs, l1 = relu_l1(h_bs)
-    else: (h_bs, f_bs), l1 = sae.encode(x_bd), None
     matryoshka = isinstance(objective, Matryoshka) and prefixes is not None and len(prefixes) > 1
+    x_hat = None
+    if fused and isinstance(act, Relu):  # one node for the codes, their L1 term and (one prefix) the decoder
+        h_bs = sae.pre_acts(x_bd)
+        if matryoshka: f_bs, l1 = relu_l1(h_bs)
+        else: f_bs, l1, x_hat = relu_l1(h_bs, sae.W_dec, sae.b_dec)
+    else: (h_bs, f_bs), l1 = sae.encode(x_bd), None
     if matryoshka:
         x_hats = sae.decode_prefixes(f_bs, prefixes)
         x_hat = x_hats[:, -1]
         mse_loss = ((x_hats - x_bd[:, None]) ** 2).mean()
     else:
-        x_hat = sae.decode(f_bs)
+        if x_hat is None: x_hat = sae.decode(f_bs)
         mse_loss = ((x_hat - x_bd) ** 2).mean()
     if l1 is None: l1 = f_bs.sum(-1).mean()  # every activation's codes are >= 0
     coeff = objective.sparsity_coeff if sparsity_coeff is None else sparsity_coeff
