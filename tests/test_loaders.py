@@ -445,22 +445,27 @@ def test_release_drops_consumed_windows_and_keeps_the_stream(tmp_path):
     order, _ = dl._windows(0)
     k = dl.blocks_per_window
     assert [b.tolist() for b in released] == [dl.blocks[np.sort(order[w * k:(w + 1) * k])].tolist() for w in range(10 - 4)]
-    # the pages themselves: read by a prefetch (small folios), released, gone from the page cache
-    src = ShardSource(make_random_shards(tmp_path / 'fresh', n_examples=40, layers=(0,), d_model=1024, content_tokens=8,
-                                         max_tokens_per_shard=20 * 9, seed=1), 0)  # files no loader has mapped
+    # the pages themselves: read by a prefetch, released, gone from the page cache. The page cache may hold a span's
+    # bytes in folios of up to 2 MB, and DONTNEED keeps a folio that reaches past the range, so the spans are 4 MB and
+    # the page checked is a span's middle one: any folio holding it lies inside the span.
+    src = ShardSource(make_random_shards(tmp_path / 'fresh', n_examples=4, layers=(0,), d_model=1024,
+                                         content_tokens=1024, max_tokens_per_shard=2 * 1025, seed=1), 0)  # never mapped
     for fp in src.fpaths:
         fd = os.open(fp, os.O_RDONLY); os.fsync(fd); os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED); os.close(fd)
-    blks = src.blocks(block_examples=4, block_tokens=4)[:2]
+    blks = src.blocks(block_examples=1, block_tokens=1024)[:2]
     sh, lo, hi = src.spans(blks)
+    mid = [(int(a) + int(b)) // 2 // 4096 * 4096 for a, b in zip(lo, hi)]
+    assert len(sh) == 2 and all(b - a == 4 << 20 for a, b in zip(lo, hi))
     def cached(s, off):
         try: os.preadv(src._fd(s), [bytearray(1)], off, os.RWF_NOWAIT); return True
         except BlockingIOError: return False
-    src.prefetch(blks)
-    deadline = time.time() + 5
-    while not cached(int(sh[0]), int(lo[0])) and time.time() < deadline: time.sleep(0.01)
-    src.shard_arrays()[0][int(lo[0]) // src.row_bytes].sum()  # mapped and touched, as the gather leaves it
+    assert src.prefetch(blks) == 2
+    for s, a, b in zip(sh.tolist(), lo.tolist(), hi.tolist()):  # wait for those reads: none may land after the release
+        os.preadv(src._fd(s), [bytearray(b - a)], a)
+    assert all(cached(int(s), m) for s, m in zip(sh, mid))  # (a probe of a missing page may start a read itself)
+    src.shard_arrays()[0][mid[0] // src.row_bytes].sum()  # mapped and touched, as the gather leaves it
     assert src.release(blks) == int((hi - lo).sum())  # spans of whole 4 KB rows: every byte is on a page of its own
-    if cached(int(sh[0]), int(lo[0])): pytest.skip('the kernel kept the pages after DONTNEED')
+    assert not any(cached(int(s), m) for s, m in zip(sh, mid))
 
 
 # ExampleReader: whole examples in storage order, against the stored bytes and labels.bin
