@@ -13,8 +13,9 @@ from torch import nn
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['FAMILIES', 'DEFAULT_FAMILY', 'DEFAULT_CKPT', 'TINY_CFG', 'ModelError', 'split_ckpt', 'register_tiny', 'Vit',
-           'geometry_steps', 'seg_transform_like', 'load_vit', 'load_transforms', 'record', 'pixel_to_patch_labels']
+__all__ = ['FAMILIES', 'DEFAULT_FAMILY', 'DEFAULT_CKPT', 'TINY_CFG', 'ModelError', 'split_ckpt', 'architecture_ckpt',
+           'register_tiny', 'Vit', 'geometry_steps', 'seg_transform_like', 'load_vit', 'load_transforms', 'record',
+           'pixel_to_patch_labels']
 
 # %% ../nbs/01_models.ipynb #103e77ae
 from .data import UserError
@@ -37,6 +38,10 @@ def split_ckpt(ckpt: str) -> tuple[str, str | None]:
     if not name:
         raise ModelError(f"checkpoint {ckpt!r}: expected `name[/pretrained-tag|/random|/path]`, e.g. ViT-B-16/openai")
     return name, (source or None)
+
+def architecture_ckpt(ckpt: str) -> str:
+    "The random-init `name/random` of checkpoint `ckpt`'s architecture: its transforms, grid and depth, no weights."
+    return f'{split_ckpt(ckpt)[0]}/random'
 
 # %% ../nbs/01_models.ipynb #95afad76
 TINY_CFG = {'embed_dim': 64,

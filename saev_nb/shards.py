@@ -26,7 +26,7 @@ __all__ = ['DTYPES', 'TORCH_DTYPES', 'HASH_FNAME', 'SAEV_DATA_CLASSES', 'Tokens'
 
 # %% ../nbs/02_shards.ipynb #0bdf2234
 from .data import UserError, read_class_names
-from .models import load_vit, split_ckpt
+from .models import architecture_ckpt, load_vit
 
 class ShardError(UserError, ValueError):
     "A shard directory or a shard-writing request is wrong; the message names the path and the fix."
@@ -247,7 +247,7 @@ def resolve_layer(self: Metadata,
     layer = int(layer)
     if layer < 0:
         # the recording model's own resolver: its architecture alone (random init, no weights) gives the depth
-        try: vit = load_vit(self.family, f'{split_ckpt(self.ckpt)[0]}/random')
+        try: vit = load_vit(self.family, architecture_ckpt(self.ckpt))
         except UserError: vit = None  # no model behind these shards (e.g. generated ones)
         if vit is not None: layer = vit.resolve_layers([layer])[0]
         elif -len(self.layers) <= layer: layer = self.layers[layer]
@@ -488,7 +488,7 @@ def make_random_shards(
 import shutil, errno
 import tyro
 from tqdm.auto import tqdm
-from .models import ModelError, load_vit, split_ckpt, record, pixel_to_patch_labels, DEFAULT_FAMILY, DEFAULT_CKPT
+from .models import ModelError, load_vit, record, pixel_to_patch_labels, DEFAULT_FAMILY, DEFAULT_CKPT
 from .data import DataConfig, DataError, SegFolderConfig, ImgFolderConfig, make_dataset, is_seg, progress_bar
 
 # %% ../nbs/02_shards.ipynb #bff807f8
@@ -987,7 +987,7 @@ def vit_for_shards(md: Metadata,  # metadata of the shards
                    geometry_only: bool = False,  # a random-init copy of the architecture: transforms, grid, no weights
                   ):
     "Load the `Vit` that wrote shards with metadata `md`, at the image size that gives its number of patches."
-    ckpt = f'{split_ckpt(md.ckpt)[0]}/random' if geometry_only else md.ckpt
+    ckpt = architecture_ckpt(md.ckpt) if geometry_only else md.ckpt
     vit = load_vit(md.family, ckpt, device=device)
     if vit.n_patches == md.content_tokens_per_example: return vit
     side = math.isqrt(md.content_tokens_per_example)
