@@ -15,10 +15,10 @@ from PIL import Image, ImageDraw, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['N_ADE', 'ADE_CLASS_NAMES', 'N_CLASSES', 'DataConfig', 'UserError', 'MissingFileError', 'DataError', 'progress_bar',
-           'to_json', 'LockedError', 'hold_lock', 'read_class_names', 'ClassLook', 'class_looks', 'paint', 'make_scene',
-           'make_scenes', 'SegFolder', 'ImgFolder', 'SegFolderConfig', 'ImgFolderConfig', 'is_seg', 'make_dataset',
-           'cache_dpath', 'tiny_dataset', 'MakeDataConfig', 'make_data_cli']
+__all__ = ['N_ADE', 'ADE_CLASS_NAMES', 'N_CLASSES', 'DataConfig', 'UserError', 'MissingFileError', 'DataError', 'device_problem',
+           'progress_bar', 'to_json', 'LockedError', 'hold_lock', 'read_class_names', 'ClassLook', 'class_looks',
+           'paint', 'make_scene', 'make_scenes', 'SegFolder', 'ImgFolder', 'SegFolderConfig', 'ImgFolderConfig',
+           'is_seg', 'make_dataset', 'cache_dpath', 'tiny_dataset', 'MakeDataConfig', 'make_data_cli']
 
 # %% ../nbs/00_data.ipynb #5c8cd2ce
 class UserError(Exception):
@@ -29,6 +29,22 @@ class MissingFileError(UserError, FileNotFoundError):
 
 class DataError(UserError, ValueError):
     "A data set on disk is not what the reader expects; the message names the file and the fix."
+
+# %% ../nbs/00_data.ipynb #4d190107
+def device_problem(device: str,  # a torch device string: `cpu`, `cuda`, `cuda:1`
+                   flag: str = '--device',  # the flag (or field) it came from, named in the message
+                  ) -> str|None:  # one line: what is wrong and what to do; None when torch can use `device` here
+    "Why torch cannot use `device` on this machine, or None if it can."
+    try: d = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        return f"{flag} {device!r}: not a torch device; use {flag} cpu, cuda or cuda:N"
+    if d.type == 'cpu': return None
+    if d.type != 'cuda': return f"{flag} {device}: only cpu and cuda devices are supported; use {flag} cpu or cuda"
+    if not torch.cuda.is_available():
+        return f"{flag} {device}: torch sees no CUDA GPU on this machine; use {flag} cpu or run on a GPU node"
+    if d.index is not None and d.index >= (n := torch.cuda.device_count()):
+        return f"{flag} {device}: this machine has {n} CUDA GPU{'s' if n > 1 else ''} (cuda:0..cuda:{n - 1}); pick one"
+    return None
 
 # %% ../nbs/00_data.ipynb #47336427
 def progress_bar(iterable: tp.Iterable|None = None,  # what to iterate over (or None with `total=`)

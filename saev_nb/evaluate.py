@@ -16,7 +16,7 @@ from fastcore.basics import patch
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from .data import UserError, MissingFileError, progress_bar
+from .data import UserError, MissingFileError, progress_bar, device_problem
 from .shards import Metadata, ShardError, Tokens, atomic_write
 from .loaders import OrderedConfig, OrderedLoader, Normalizer
 from .sae import load_sae
@@ -624,6 +624,7 @@ def inference(cfg: InferenceConfig,  # what to evaluate on which shards
               progress: bool = True,  # show a progress bar
              ) -> list[Path]:  # one `<run>/inference/<shards hash>/<key>/` per run
     "Evaluate every run of `cfg.run` on `cfg.data.shards` (here, or one Slurm job each); every run is checked first."
+    if not cfg.slurm_acct and (problem := device_problem(cfg.device)): raise EvalError(problem)  # jobs: their node
     md = Metadata.load(cfg.data.shards)
     plans = [plan_eval(r, md, cfg) for r in cfg.run]
     if not cfg.slurm_acct: return [inference_one(p, cfg, progress) for p in plans]

@@ -16,7 +16,7 @@ from fastcore.basics import patch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .data import MissingFileError, UserError
+from .data import MissingFileError, UserError, device_problem
 from .shards import (DTYPES, TORCH_DTYPES, Metadata, ShardError, make_random_shards, shard_name, user_mode,
                             validate_shards)
 
@@ -314,11 +314,8 @@ class SlotRing:
             if s[0].ctypes.data == t.data_ptr(): s[2] = event
 
 def _check_device(device: str) -> torch.device:
-    d = torch.device(device)
-    if d.type == 'cuda' and not torch.cuda.is_available():
-        raise LoaderError(f"device={device!r} but torch sees no CUDA device; use device='cpu'")
-    if d.type not in ('cpu', 'cuda'): raise LoaderError(f"device={device!r}: expected 'cpu' or 'cuda[:i]'")
-    return d
+    if (problem := device_problem(device, 'device')): raise LoaderError(problem)
+    return torch.device(device)
 
 # %% ../nbs/03_loaders.ipynb #89330af3
 def as_numpy(t: torch.Tensor) -> np.ndarray:
@@ -425,6 +422,7 @@ class ShuffledLoader:
     "Shuffled batches of one layer's activations; every kept token exactly once per epoch; seeded; resumable."
     def __init__(self, cfg: ShuffledConfig,  # loader settings
                  normalizer: Normalizer | None = None):  # applied to every batch (overrides `cfg.normalize`)
+        self.device = _check_device(cfg.device)  # before any file is read or written
         self.cfg, self.src = cfg, ShardSource(cfg.shards, cfg.layer, cfg.tokens)
         self.metadata = md = self.src.md
         if cfg.dtype not in TORCH_DTYPES:
@@ -456,7 +454,6 @@ class ShuffledLoader:
         self.normalizer = normalizer
         if normalizer is None and cfg.normalize:
             self.normalizer = Normalizer.load_or_fit(cfg.shards, cfg.layer, cfg.tokens)
-        self.device = _check_device(cfg.device)
         self.epoch, self.read_bytes, self._cache, self._ring = 0, 0, {}, None
         self.n_slots = 6  # output slots: the consumer's, two queued, one being queued, two being gathered
         big = self.src.n_tokens * self.src.row_bytes > _mem_available() // 2

@@ -22,7 +22,7 @@ __all__ = ['ProbeError', 'ProbeSweepError', 'load_probe_sweep', 'LinearProbes', 
            'probe_train_cli', 'find_probes', 'validate_saved_probes', 'probe_validate_cli']
 
 # %% ../nbs/08_probe.ipynb #866d52dc
-from .data import UserError, MissingFileError, progress_bar
+from .data import UserError, MissingFileError, progress_bar, device_problem
 
 class ProbeError(UserError, ValueError):
     "Probe input that cannot work (a layer not recorded, mismatched shards, not a probe file); one line with the fix."
@@ -477,6 +477,7 @@ def train_probe_sweep(cfg: ProbeTrainConfig,  # shards, sweep and output folder
                       progress: bool = True,  # progress bars
                      ) -> ProbeResults:
     "Train the probe grid in one pass per epoch, save every probe, validate them all, write results.csv."
+    if (problem := device_problem(cfg.device)): raise ProbeError(problem)  # before anything is loaded or written
     from saev_nb.loaders import ShuffledConfig, ShuffledLoader
     hparams = (load_probe_sweep(cfg.sweep, cfg.learning_rate, cfg.weight_decay) if cfg.sweep
                else [{'learning_rate': cfg.learning_rate, 'weight_decay': cfg.weight_decay}])
@@ -537,6 +538,7 @@ def validate_saved_probes(cfg: ProbeValidateConfig,  # probes, shards and output
                           progress: bool = True,  # progress bars
                          ) -> ProbeResults:
     "Score saved probes on a shard set; results go to `<out>/validate/<shards hash>/`, never over training's."
+    if (problem := device_problem(cfg.device)): raise ProbeError(problem)  # before anything is loaded or written
     fpaths = find_probes(cfg.ckpts or cfg.out/'checkpoints')
     loaded = [load_probe(f) for f in fpaths]
     md = Metadata.load(cfg.acts.shard_root)

@@ -25,7 +25,7 @@ __all__ = ['DTYPES', 'TORCH_DTYPES', 'HASH_FNAME', 'SAEV_DATA_CLASSES', 'Tokens'
            'write_shards', 'vit_for_shards', 'shards_cli', 'ValidateShardsConfig', 'validate_shards_cli']
 
 # %% ../nbs/02_shards.ipynb #0bdf2234
-from .data import UserError, read_class_names
+from .data import UserError, read_class_names, device_problem
 from .models import architecture_ckpt, load_vit
 
 class ShardError(UserError, ValueError):
@@ -562,6 +562,7 @@ def _check_model(vit, cfg: ShardsConfig) -> tuple[int, ...]:
 
 def plan(cfg: ShardsConfig, vit=None):
     "`(vit, dataset, metadata)` for `cfg`, raising one-line errors for bad models, layers, numbers or data."
+    if (problem := device_problem(cfg.device)): raise ShardError(problem)  # before a model is loaded or a file written
     vit = vit or load_vit(cfg.family, cfg.ckpt, device=cfg.device, img_size=cfg.img_size)
     layers = _check_model(vit, cfg)
     vit.token_idx(cfg.cls_token)

@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .data import UserError, MissingFileError, progress_bar
+from .data import UserError, MissingFileError, progress_bar, device_problem
 
 class SuppressError(UserError, ValueError):
     "Class-feature or suppression input that cannot work (layers, widths, empty tables); one line with the fix."
@@ -626,6 +626,9 @@ def _sae_layer(md: Metadata, acts: ActsConfig, run: Run) -> int:
 
 def _open_sae_and_shards(cfg) -> tuple[Run, Metadata, int]:
     "The run (or bare checkpoint) of `cfg.sae_ckpt`, the metadata of `cfg.acts`, and the checked layer to read."
+    if (problem := device_problem(cfg.device)): raise SuppressError(problem)  # before anything is loaded or written
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise SuppressError(f"{cfg.out}: a file, but --out names the output folder; pass a folder (made if missing)")
     run = load_run_or_ckpt(cfg.sae_ckpt, cfg.device)
     md = Metadata.load(cfg.acts.shard_root)
     return run, md, _sae_layer(md, cfg.acts, run)
@@ -753,6 +756,9 @@ def find_class_latents(cfg: FeaturesConfig,  # SAE, shards, images and selection
                       ) -> ClassLatents:
     "One ordered pass over a shard set: F1 of every latent for every class; top k per class to `<out>/features/`."
     from safetensors.torch import save_file, load_file
+    if cfg.k < 1: raise SuppressError(f"--k {cfg.k}: use >= 1 latent kept per class")
+    if not cfg.thresholds:
+        raise SuppressError("--thresholds: none given; pass at least one activation threshold, e.g. --thresholds 0 0.1")
     run, md, layer = _open_sae_and_shards(cfg)
     sae, normalizer = run.sae, run.normalizer
     dpath = cfg.out/'features'

@@ -110,6 +110,27 @@ def test_cli_bench_loader_cold_without_root_is_one_line():
     cli_fails('bench', 'loader', '--cold', '--size-gb', '0.01', contains='--cold needs root')
 
 
+def test_cli_bench_bad_sizes_are_one_line(tmp_path):
+    "Sizes that make no sense: one line naming every such flag and its range; no data set, shards or JSON written."
+    from helpers import cli_fails
+    line = cli_fails('bench', 'shards', '--n-images', '0', '--batch-size', '0', '--shards-root', tmp_path / 'sr',
+                     '--json-fpath', tmp_path / 's.json', contains='--n-images 0: use a value >= 1')
+    assert '--batch-size 0: use a value >= 1' in line
+    cli_fails('bench', 'train', '--batch-size', '0', '--n-steps', '0', '--no-overhead',
+              '--json-fpath', tmp_path / 't.json', contains='--batch-size 0: use a value >= 1; --n-steps 0: use a value >= 1')
+    cli_fails('bench', 'loader', '--size-gb', '0', '--dpath', tmp_path / 'b', contains='--size-gb 0.0: use a value > 0')
+    assert sorted(tmp_path.iterdir()) == []  # no shard root, loader data or result file
+
+
+@pytest.mark.skipif(__import__('torch').cuda.is_available(), reason='checks the refusal on a machine without a GPU')
+def test_cli_bench_device_cuda_without_gpu_is_one_line(tmp_path):
+    from helpers import cli_fails
+    for cmd in ('train', 'shards'):
+        cli_fails('bench', cmd, '--device', 'cuda', '--json-fpath', tmp_path / f'{cmd}.json',
+                  contains='--device cuda: torch sees no CUDA GPU on this machine; use --device cpu')
+    assert sorted(tmp_path.iterdir()) == []
+
+
 def test_gpu_check_dry_run(tmp_path):
     "`tools/gpu-check.sh --cpu` runs every check and its JSON report has a goal, a value and a verdict for each."
     from saev_nb.bench import GPU_CHECKS
@@ -125,3 +146,36 @@ def test_gpu_check_dry_run(tmp_path):
     md = (tmp_path / 'report.md').read_text()
     assert all(f"`{c[0]}`" in md for c in GPU_CHECKS)
     assert json.loads((tmp_path / 'raw' / 'determinism.json').read_text())['resume_max_abs_diff'] == 0.0
+
+
+def test_bench_loader_cold_under_read_cap(monkeypatch, tmp_path):
+    "As root: `read_mbps` holds both first epochs under the cap and leaves no cgroup behind (only the shards evicted)."
+    import os
+    from saev_nb import bench
+    if os.geteuid() != 0 or not bench.BLKIO_DPATH.is_dir(): pytest.skip('capping reads needs root and cgroup v1 blkio')
+    def evict_shards():  # the page cache of these shards only: the suite's other files stay cached
+        for f in (tmp_path / 'b').rglob('*.bin'):
+            with open(f, "rb") as fd: os.fsync(fd.fileno()); os.posix_fadvise(fd.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    monkeypatch.setattr(bench, 'drop_page_cache', evict_shards)
+    r = bench_loader(BenchLoaderConfig(size_gb=0.03, shard_gb=0.01, d_model=32, content_tokens=32, batch_size=512,
+                                       n_repeats=1, cold=True, read_mbps=10, dpath=tmp_path / 'b'))
+    assert r['read_mbps'] == 10 and r['cold_shuffled_read_gb'] > 0.02  # it did read from the disk
+    assert 0.004 < r['cold_ordered_gbs'] < 0.0125 and 0.004 < r['cold_shuffled_gbs'] < 0.0125
+    assert 'reads capped at 10 MB/s' in bench._loader_table(BenchLoaderConfig(cold=True), r)[0][2]
+    assert not [p for p in bench.BLKIO_DPATH.iterdir() if p.name.startswith('saev_nb-bench-')]
+
+
+def test_cli_bench_read_caps_need_cold(tmp_path):
+    "`--read-mbps` without `--cold` (nothing would be read from storage) and a cap of 0: one line each, nothing written."
+    from helpers import cli_fails
+    cli_fails('bench', 'loader', '--read-mbps', '100', '--size-gb', '0.01', '--dpath', tmp_path / 'b',
+              contains='add --cold, or drop them')
+    cli_fails('bench', 'loader', '--cold', '--read-iops', '0', '--dpath', tmp_path / 'b', contains='--read-iops 0: use a value >= 1')
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def test_bench_train_in_chunks():
+    "`chunk_tokens` reaches the trainers: the step runs in passes of 24 of the 64 tokens, and the result says so."
+    r = bench_train(BenchTrainConfig(d_model=16, exp_factor=2, batch_size=64, n_steps=1, n_saes=2, chunk_tokens=24,
+                                     bmm=False, overhead=False))
+    assert r['chunk_tokens'] == 24 and r['tokens_per_s'] > 0 and 0 < r['non_matmul_fraction'] < 1

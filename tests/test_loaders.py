@@ -346,7 +346,7 @@ def test_prefetch_exact_spans_and_skips_cached(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='checks the CPU-only guard')
 def test_cuda_device_without_gpu_is_one_clear_line(sd):
-    with pytest.raises(LoaderError, match="torch sees no CUDA device; use device='cpu'"):
+    with pytest.raises(LoaderError, match='device cuda: torch sees no CUDA GPU on this machine; use device cpu'):
         ShuffledLoader(ShuffledConfig(shards=sd, layer=2, batch_size=10, device='cuda'))
 
 

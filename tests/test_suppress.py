@@ -305,6 +305,35 @@ def test_bad_input(pipeline, tmp_path):
               contains='logs/results.csv: missing')
 
 
+def _small_semseg_inputs(tmp_path):
+    "A real shard set and a bare SAE checkpoint of its width (cheap: the flag checks run before either is read)."
+    from saev_nb.shards import make_random_shards
+    sd = make_random_shards(tmp_path/'shards', n_examples=4, layers=(0,), d_model=8, content_tokens=4)
+    save_sae(SAE(SAEConfig(d_model=8, d_sae=16, activation=Relu())), tmp_path/'run'/'sae.safetensors')
+    return ('--sae-ckpt', tmp_path/'run'/'sae.safetensors', '--acts.shard-root', sd)
+
+
+def test_semseg_visuals_bad_flags_are_one_line(tmp_path):
+    "What a user gets wrong on `semseg visuals`: --out naming the table instead of its folder, no thresholds, k 0."
+    from helpers import cli_in_process_fails
+    args = ('semseg', 'visuals', *_small_semseg_inputs(tmp_path))
+    table = tmp_path/'features.csv'; table.write_text('kept\n')
+    cli_fails(*args, '--out', table, contains=f'{table}: a file, but --out names the output folder')
+    assert table.read_text() == 'kept\n'
+    out = tmp_path/'semseg'
+    cli_in_process_fails(*args, '--out', out, '--thresholds', contains='--thresholds: none given')
+    cli_in_process_fails(*args, '--out', out, '--k', 0, contains='--k 0: use >= 1 latent kept per class')
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='checks the refusal on a machine without a GPU')
+def test_semseg_visuals_device_cuda_without_gpu_is_one_line(tmp_path):
+    out = tmp_path/'semseg'
+    cli_fails('semseg', 'visuals', *_small_semseg_inputs(tmp_path), '--out', out, '--device', 'cuda',
+              contains='--device cuda: torch sees no CUDA GPU on this machine; use --device cpu or run on a GPU node')
+    assert not out.exists()
+
+
 def test_tail_predictor_detects_a_different_model(pipeline):
     from saev_nb.models import load_vit
     from saev_nb.suppress import suppression_batches

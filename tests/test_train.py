@@ -6,7 +6,7 @@ import pytest, torch
 from saev_nb.sae import SAEConfig, Relu, TopK, BatchTopK, Vanilla, Matryoshka
 from saev_nb.loaders import ShuffledConfig
 from saev_nb.train import *
-from helpers import cli_in_process, cli_in_process_fails
+from helpers import cli_fails, cli_in_process, cli_in_process_fails
 
 def _base(tmp_path, **kw):
     d = ShuffledConfig(shards=tmp_path, layer=0, batch_size=256)
@@ -156,3 +156,28 @@ def test_compile_matches_eager(tmp_path):
             assert torch.allclose(p, comp.sae.state_dict()[k], rtol=0, atol=1e-5), k
     assert run_id(cfg) == run_id(replace(cfg, compile=True))  # how a step runs is not part of what is trained
     print(f'compile test: {time.perf_counter() - t0:.1f} s')
+
+def test_chunked_steps_train_the_same_run(tmp_path):
+    "A group trained in passes of 100 tokens (batches of 256: 100, 100, 56) logs the rows and weights of whole-batch steps."
+    x, _ = sparse_dictionary_data(2048, seed=0)
+    cfgs = [replace(_base(tmp_path), sae=SAEConfig(d_model=32, d_sae=64, activation=a), objective=o, n_train=256 * 20,
+                    log_every=5, lr=3e-3, n_lr_warmup=2, n_init_tokens=512) for a, o in ((Relu(), Matryoshka(n_prefixes=3)),
+                                                                                     (TopK(top_k=4), Vanilla()))]
+    whole = fit_group(cfgs, ArrayLoader(x, 256), [tmp_path/'w0', tmp_path/'w1'], progress=False)
+    parts = fit_group([replace(c, chunk_tokens=100) for c in cfgs], ArrayLoader(x, 256), [tmp_path/'c0', tmp_path/'c1'],
+                      progress=False)
+    for i, (w, c) in enumerate(zip(whole, parts)):
+        torch.testing.assert_close(c.sae.W_dec, w.sae.W_dec, atol=1e-5, rtol=0)
+        assert torch.equal(c.since_fired_s, w.since_fired_s)
+        rows_w, rows_c = ([json.loads(l) for l in (tmp_path/f'{k}{i}'/'metrics.jsonl').read_text().splitlines()] for k in 'wc')
+        assert len(rows_c) == len(rows_w) == 4
+        for rw, rc in zip(rows_w, rows_c):
+            for k in ('loss', 'mse', 'l0', 'nmse', 'grad_norm'): assert rc[k] == pytest.approx(rw[k], rel=1e-4, abs=1e-6), k
+
+def test_chunk_tokens_bad_values_are_one_line(tmp_path):
+    "`--chunk-tokens` through the console script: 0 is refused, and so is chunking BatchTopK; nothing is written."
+    args = ['train', '--runs-root', tmp_path/'runs', '--train-data.shards', tmp_path, '--val-data.shards', tmp_path,
+            '--train-data.batch-size', 64, '--n-train', 640]
+    cli_fails(*args, '--chunk-tokens', 0, contains='--chunk-tokens 0: use >= 1 tokens per pass')
+    cli_in_process_fails(*args, '--chunk-tokens', 16, 'sae.activation:batchtopk', contains='BatchTopK would pick top-k per chunk')
+    assert not (tmp_path/'runs').exists()
