@@ -171,7 +171,9 @@ def read_limits(fpath: Path,  # a file or folder on the disk whose reads to cap
                ):
     "Run the block with this process's reads from `fpath`'s disk capped, in a blkio cgroup of its own (root)."
     if mbps is None and iops is None: yield; return
-    dev, cg_dpath = disk_of(fpath), Path(root) / f'saev_nb-bench-{os.getpid()}'
+    own = [l.split(':', 2)[2] for l in Path('/proc/self/cgroup').read_text().splitlines() if ':blkio:' in l]
+    home = Path(root) / own[0].strip().lstrip('/') if own else Path(root)  # the group it is in (a job's, say)
+    dev, cg_dpath = disk_of(fpath), home / f'saev_nb-bench-{os.getpid()}'
     limits = {'read_bps_device': None if mbps is None else int(mbps * 1e6), 'read_iops_device': iops}
     try:
         cg_dpath.mkdir(exist_ok=True)
@@ -184,7 +186,7 @@ def read_limits(fpath: Path,  # a file or folder on the disk whose reads to cap
                          f'cgroup v1 block I/O at {root}: run as root there, or drop them') from None
     try: yield
     finally:
-        (Path(root) / 'cgroup.procs').write_text(f'{os.getpid()}\n')
+        (home / 'cgroup.procs').write_text(f'{os.getpid()}\n')  # back where it was
         cg_dpath.rmdir()
 
 # %% ../nbs/11_bench.ipynb #3152a6b3
