@@ -21,8 +21,8 @@ from .shards import (DTYPES, TORCH_DTYPES, Metadata, ShardError, make_random_sha
                             validate_shards)
 
 # %% auto #0
-__all__ = ['LoaderError', 'ShardSource', 'IndexedDataset', 'Normalizer', 'ShuffledConfig', 'ShuffledLoader', 'batch_entropy',
-           'OrderedConfig', 'OrderedLoader', 'ExampleReader']
+__all__ = ['LoaderError', 'ShardSource', 'IndexedDataset', 'Normalizer', 'ShuffledConfig', 'ShuffledLoader', 'cached_probes',
+           'batch_entropy', 'OrderedConfig', 'OrderedLoader', 'ExampleReader']
 
 # %% ../nbs/03_loaders.ipynb #fcae1467
 class LoaderError(UserError, ValueError):
@@ -518,16 +518,27 @@ def prefetch(self: ShardSource, blks: np.ndarray) -> int:
         os.posix_fadvise(self._fd(s), a, b - a, os.POSIX_FADV_WILLNEED)
     return len(sh)
 
-def _all_cached(src: ShardSource, sh: np.ndarray, off: np.ndarray, end: np.ndarray, n_probe: int = 32) -> bool:
-    "True when the first and last byte of `n_probe` evenly spread spans are cached (`preadv(RWF_NOWAIT)` probes)."
-    if not hasattr(os, 'RWF_NOWAIT'): return False
-    probe = bytearray(1)
-    for i in np.linspace(0, len(sh) - 1, min(n_probe, len(sh))).astype(np.int64).tolist():
-        for o in (int(off[i]), int(end[i]) - 1):
-            try:
-                if os.preadv(src._fd(int(sh[i])), [probe], o, os.RWF_NOWAIT) != 1: return False
-            except OSError: return False  # BlockingIOError: not cached (or the flag is unsupported here)
-    return True
+import ctypes
+_MINCORE = getattr(ctypes.CDLL(None, use_errno=True), 'mincore', None)  # Linux and macOS libc
+
+def cached_probes(src: ShardSource,  # the shards
+                  sh: np.ndarray, off: np.ndarray, end: np.ndarray,  # spans: shard, start byte, end byte
+                  n_probe: int = 32,  # spans probed, evenly spread
+                 ) -> np.ndarray:  # bool (probes, 2): the page of each probed span's first and last byte is cached
+    "Page-cache residency of the first and last byte of `n_probe` spans, by `mincore` on the shards' mappings."
+    idx = np.linspace(0, len(sh) - 1, min(n_probe, len(sh))).astype(np.int64)
+    out = np.zeros((len(idx), 2), dtype=bool)
+    if _MINCORE is None or len(idx) == 0: return out  # not known: treated as not cached
+    arrays, vec = src.shard_arrays(), (ctypes.c_ubyte * 1)()
+    for j, i in enumerate(idx.tolist()):
+        base = arrays[int(sh[i])].ctypes.data  # the mapping's start: page-aligned
+        for k, o in enumerate((int(off[i]), int(end[i]) - 1)):
+            addr = ctypes.c_void_p(base + o // mmap.PAGESIZE * mmap.PAGESIZE)
+            out[j, k] = _MINCORE(addr, ctypes.c_size_t(1), vec) == 0 and bool(vec[0] & 1)
+    return out
+
+def _all_cached(src: ShardSource, sh: np.ndarray, off: np.ndarray, end: np.ndarray) -> bool:
+    return len(sh) > 0 and bool(cached_probes(src, sh, off, end).all())
 
 @patch
 def check_sizes(self: ShardSource, shards: list[int] | None = None):  # shard indices to check (default: all)
