@@ -10,7 +10,7 @@ __all__ = ['BLKIO_DPATH', 'MATMUL_OPS', 'GPU_CHECKS', 'BENCH_TOOLS', 'BenchError
            'GpuCellsConfig', 'GpuReportConfig', 'bench_tools_main']
 
 # %% ../nbs/11_bench.ipynb #e5b31d9d
-import dataclasses, json, shutil, tempfile, time
+import contextlib, dataclasses, json, os, shutil, tempfile, time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -140,7 +140,6 @@ def bench_shards_cli(cfg: BenchShardsConfig):
 def drop_page_cache(control_fpath: Path = Path('/proc/sys/vm/drop_caches'),  # the kernel's control file
                    ):
     "Write back dirty pages and drop the kernel's page cache (root only), as `sync; echo 3 > /proc/sys/vm/drop_caches`."
-    import os
     os.sync()
     try: Path(control_fpath).write_text('3\n')
     except OSError as e:
@@ -148,8 +147,6 @@ def drop_page_cache(control_fpath: Path = Path('/proc/sys/vm/drop_caches'),  # t
                          'run as root, or drop --cold') from None
 
 # %% ../nbs/11_bench.ipynb #7c8cb185
-import contextlib, os
-
 BLKIO_DPATH = Path('/sys/fs/cgroup/blkio')  # cgroup v1's block-I/O hierarchy, whose groups the kernel throttles
 
 def disk_of(fpath: Path,  # a file or folder
@@ -277,7 +274,7 @@ class ResourceWatch:
         return out
     def _counters(self) -> dict[str, int]:
         "Cumulative counters: major faults, bytes this process read from storage, swapped pages, device reads."
-        import os, resource
+        import resource
         io = dict(l.split(': ') for l in Path('/proc/self/io').read_text().splitlines())
         vm = dict(l.split() for l in Path('/proc/vmstat').read_text().splitlines())
         c = {'major_faults': resource.getrusage(resource.RUSAGE_SELF).ru_majflt, 'read_bytes': int(io['read_bytes']),

@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_loaders.ipynb #be68eb25
 from __future__ import annotations
-import collections, dataclasses, json, math, mmap, os, queue, shutil, sys, tempfile, threading, time, weakref
+import collections, ctypes, dataclasses, json, math, mmap, os, queue, shutil, sys, tempfile, threading, time, weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -518,7 +518,6 @@ def prefetch(self: ShardSource, blks: np.ndarray) -> int:
         os.posix_fadvise(self._fd(s), a, b - a, os.POSIX_FADV_WILLNEED)
     return len(sh)
 
-import ctypes
 _MINCORE = getattr(ctypes.CDLL(None, use_errno=True), 'mincore', None)  # Linux and macOS libc
 
 def cached_probes(src: ShardSource,  # the shards

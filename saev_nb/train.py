@@ -436,7 +436,8 @@ def combine_chunk_stats(sts: list[dict],  # `sae_loss` statistics of consecutive
     "The batch's statistics from its chunks': token-weighted means, `fired_s` in any chunk, `x_hat` concatenated."
     if len(sts) == 1: return sts[0]
     n_c = [len(st['x_hat']) for st in sts]
-    out = {k: sum(st[k] * (m / sum(n_c)) for st, m in zip(sts, n_c)) for k in CHUNK_MEANS}
+    w_c = [m / sum(n_c) for m in n_c]  # each chunk's share of the tokens
+    out = {k: sum(st[k] * w for st, w in zip(sts, w_c)) for k in CHUNK_MEANS}
     return {**out, 'fired_s': torch.stack([st['fired_s'] for st in sts]).any(0),
             'x_hat': torch.cat([st['x_hat'] for st in sts])}
 

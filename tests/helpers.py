@@ -66,3 +66,11 @@ def cli_in_process(*args, check=True, env=None):
 def cli_in_process_fails(*args, contains='', env=None):
     "`cli_fails` in-process: exit 2, one stderr line starting `saev_nb <cmd>:` and containing `contains`."
     return one_line_failure(cli_in_process(*args, check=False, env=env), contains)
+
+
+def evict(fpaths):
+    "Write back and drop these files' pages from the page cache (fsync, then fadvise DONTNEED): the rest stays cached."
+    for fp in fpaths:
+        fd = os.open(fp, os.O_RDONLY)
+        try: os.fsync(fd); os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally: os.close(fd)

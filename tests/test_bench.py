@@ -153,10 +153,9 @@ def test_bench_loader_cold_under_read_cap(monkeypatch, tmp_path):
     import os
     from saev_nb import bench
     if os.geteuid() != 0 or not bench.BLKIO_DPATH.is_dir(): pytest.skip('capping reads needs root and cgroup v1 blkio')
-    def evict_shards():  # the page cache of these shards only: the suite's other files stay cached
-        for f in (tmp_path / 'b').rglob('*.bin'):
-            with open(f, "rb") as fd: os.fsync(fd.fileno()); os.posix_fadvise(fd.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-    monkeypatch.setattr(bench, 'drop_page_cache', evict_shards)
+    from helpers import evict
+    # the page cache of these shards only: the suite's other files stay cached
+    monkeypatch.setattr(bench, 'drop_page_cache', lambda: evict((tmp_path / 'b').rglob('*.bin')))
     r = bench_loader(BenchLoaderConfig(size_gb=0.03, shard_gb=0.01, d_model=32, content_tokens=32, batch_size=512,
                                        n_repeats=1, cold=True, read_mbps=10, dpath=tmp_path / 'b'))
     assert r['read_mbps'] == 10 and r['cold_shuffled_read_gb'] > 0.02  # it did read from the disk

@@ -11,6 +11,7 @@ from saev_nb.data import MissingFileError, UserError
 from saev_nb.loaders import (ExampleReader, GatherTicket, IndexedDataset, LoaderError, Normalizer, OrderedConfig, OrderedLoader, RowGather, ShardSource,
                              ShuffledConfig, ShuffledLoader, background, batch_entropy, cached_probes)
 from saev_nb.shards import HASH_FNAME, Metadata, ShardError, load_shard_info, make_random_shards, open_shard, shard_name
+from helpers import evict
 
 ROOT = Path(__file__).resolve().parents[1]
 P = 12  # content tokens per example in the fixtures
@@ -330,8 +331,7 @@ def test_batch_entropy():
 def _evict(src, sh, lo, hi):
     "Drop `src`'s files from the page cache until none of the pages `prefetch` probes is cached."
     for _ in range(20):  # pages leave once their writeback is done: a busy machine may need a few tries
-        for fp in src.fpaths:
-            fd = os.open(fp, os.O_RDONLY); os.fsync(fd); os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED); os.close(fd)
+        evict(src.fpaths)
         if not cached_probes(src, sh, lo, hi).any(): return
         time.sleep(0.1)
     pytest.skip('the kernel kept the pages after DONTNEED')
