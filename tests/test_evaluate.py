@@ -177,10 +177,13 @@ def test_inference_cli_writes_skips_and_forces(trained):
     tmp, shards, (run, _) = trained
     r = cli('inference', '--run', run, '--data.shards', shards, '--data.layer', 1, '--data.batch-size', 512)
     out = Path(r.stdout.strip().splitlines()[-1])
-    assert out == _key_dir(run, shards) and len(r.stdout.strip().splitlines()) == 1
+    assert out == _key_dir(run, shards) and len(r.stdout.strip().splitlines()) == 2
     for f in ('metrics.json', 'config.json', 'freqs.npy', 'mean_values.npy', 'token_acts.npz', 'histograms.png'): assert (out / f).exists(), f
     m = json.loads((out / 'metrics.json').read_text())
     assert m['n_tokens'] == 128 * 16 and m['l0'] == pytest.approx(4.0)
+    # the summary line before the path: NMSE, L0, dead, dense (item 13 of issue 22)
+    summary = r.stdout.strip().splitlines()[0]
+    assert summary.startswith(f"{run.name}: nmse={m['normalized_mse']:.4f}  l0=4.0  dead={m['n_dead']}  dense={m['n_dense']}"), summary
     # the trainer's own validation pass over the same tokens agrees with the streaming evaluation
     ev = json.loads((run / 'eval.json').read_text())
     assert m['normalized_mse'] == pytest.approx(ev['nmse'], rel=1e-5)
@@ -191,7 +194,8 @@ def test_inference_cli_writes_skips_and_forces(trained):
     mtime = (out / 'metrics.json').stat().st_mtime_ns
     r = cli_in_process('inference', '--run', run, '--data.shards', shards, '--data.layer', 1)
     assert 'already evaluated' in r.stderr and 'skipping' in r.stderr and '--force' in r.stderr
-    assert Path(r.stdout.strip()) == out and (out / 'metrics.json').stat().st_mtime_ns == mtime
+    assert Path(r.stdout.strip().splitlines()[-1]) == out and (out / 'metrics.json').stat().st_mtime_ns == mtime
+    assert r.stdout.startswith(f'{run.name}: nmse=')  # a skipped evaluation still says its numbers
     cli_in_process('inference', '--run', run, '--data.shards', shards, '--force')
     assert (out / 'metrics.json').stat().st_mtime_ns != mtime
 
@@ -199,8 +203,8 @@ def test_inference_cli_writes_skips_and_forces(trained):
 def test_inference_layer_defaults_and_negative_layers(trained):
     "No --data.layer: the training layer; -1 resolves as `shards --layers` does (here the last recorded block, no model)."
     tmp, shards, (run, _) = trained
-    assert Path(cli_in_process('inference', '--run', run, '--data.shards', shards).stdout.strip()) == _key_dir(run, shards)
-    assert Path(cli_in_process('inference', '--run', run, '--data.shards', shards, '--data.layer', -1).stdout.strip()) == _key_dir(run, shards)
+    assert Path(cli_in_process('inference', '--run', run, '--data.shards', shards).stdout.strip().splitlines()[-1]) == _key_dir(run, shards)
+    assert Path(cli_in_process('inference', '--run', run, '--data.shards', shards, '--data.layer', -1).stdout.strip().splitlines()[-1]) == _key_dir(run, shards)
     cli_in_process_fails('inference', '--run', run, '--data.shards', shards, '--data.layer', -2, contains='trained on layer 1, but --data.layer is -2 (block 0)')
 
 
@@ -213,7 +217,7 @@ def test_inference_negative_layer_uses_the_models_blocks(tmp_path):
     vit = load_vit(md.family, md.ckpt)
     assert [md.resolve_layer(l) for l in (-1, -2)] == list(vit.resolve_layers([-1, -2]))[::-1] == [3, 2]
     (run,) = _train(d['train'], 3, tmp_path / 'runs', md.d_model, n_train=48 * 64 * 2, n_val=1024)
-    out = Path(cli_in_process('inference', '--run', run, '--data.shards', d['val'], '--data.layer', -1).stdout.strip())
+    out = Path(cli_in_process('inference', '--run', run, '--data.shards', d['val'], '--data.layer', -1).stdout.strip().splitlines()[-1])
     assert out == run / 'inference' / d['val'].name / 'layer3-content'
     cli_in_process_fails('inference', '--run', run, '--data.shards', d['val'], '--data.layer', -2, contains='--data.layer is -2 (block 2); pass --data.layer 3')
     cli_in_process_fails('inference', '--run', run, '--data.shards', d['val'], '--data.layer', -5, contains='out of range for 4 blocks')
@@ -222,8 +226,10 @@ def test_inference_negative_layer_uses_the_models_blocks(tmp_path):
 def test_inference_several_runs_in_one_call(trained):
     tmp, shards, runs = trained
     r = cli_in_process('inference', '--run', *runs, '--data.shards', shards, '--ignore-labels', 2)
-    outs = [Path(l) for l in r.stdout.strip().splitlines()]
+    lines = r.stdout.strip().splitlines()
+    outs = [Path(l) for l in lines[len(runs):]]  # a summary line per run, then the folders
     assert outs == [_key_dir(p, shards, 'layer1-content-ignore2') for p in runs]
+    assert [l.split(':')[0] for l in lines[:len(runs)]] == [p.name for p in runs]
     assert all((o / 'metrics.json').exists() for o in outs)
     # one bad run in the list stops the call before any work
     (tmp / 'runs' / 'unfinished').mkdir(exist_ok=True)
@@ -235,9 +241,9 @@ def test_inference_outputs_keyed_by_settings(trained):
     "Other ignore_labels, tokens or thresholds write next to the earlier results instead of overwriting them."
     from saev_nb.shards import open_labels
     tmp, shards, (run, _) = trained
-    base = Path(cli_in_process('inference', '--run', run, '--data.shards', shards).stdout.strip())
+    base = Path(cli_in_process('inference', '--run', run, '--data.shards', shards).stdout.strip().splitlines()[-1])
     before = (base / 'metrics.json').read_bytes()
-    out = Path(cli_in_process('inference', '--run', run, '--data.shards', shards, '--ignore-labels', 0, 3).stdout.strip())
+    out = Path(cli_in_process('inference', '--run', run, '--data.shards', shards, '--ignore-labels', 0, 3).stdout.strip().splitlines()[-1])
     assert out == _key_dir(run, shards, 'layer1-content-ignore0_3') and (base / 'metrics.json').read_bytes() == before
     labels = np.asarray(open_labels(shards)).ravel()
     ignored = np.isin(labels, [0, 3])
@@ -247,7 +253,7 @@ def test_inference_outputs_keyed_by_settings(trained):
     assert acts[np.flatnonzero(ignored)].nnz == 0 and np.all(np.diff(acts.indptr)[~ignored] == 4)
     np.testing.assert_allclose(np.load(out / 'freqs.npy'), (acts.toarray()[~ignored] != 0).mean(0), rtol=1e-6)
     assert json.loads((out / 'config.json').read_text())['ignore_labels'] == [0, 3]
-    thr = Path(cli_in_process('inference', '--run', run, '--data.shards', shards, '--dense', 0.5, '--no-save-acts').stdout.strip())
+    thr = Path(cli_in_process('inference', '--run', run, '--data.shards', shards, '--dense', 0.5, '--no-save-acts').stdout.strip().splitlines()[-1])
     assert thr.name == 'layer1-content-dead1e-07-dense0.5' and (base / 'metrics.json').read_bytes() == before
 
 
@@ -255,7 +261,7 @@ def test_content_sae_on_cls_tokens_refused_or_flagged(trained):
     tmp, shards, (run, _) = trained
     cli_in_process_fails('inference', '--run', run, '--data.shards', shards, '--data.tokens', 'cls', contains='trained on content tokens, but --data.tokens is cls')
     r = cli_in_process('inference', '--run', run, '--data.shards', shards, '--data.tokens', 'cls', '--other-tokens')
-    out = Path(r.stdout.strip())
+    out = Path(r.stdout.strip().splitlines()[-1])
     assert out.name == 'layer1-cls' and 'warning' in r.stderr
     m = json.loads((out / 'metrics.json').read_text())
     assert m['flag'] == 'SAE trained on content tokens, evaluated on cls tokens' and m['n_tokens'] == 128
@@ -327,7 +333,7 @@ def test_plots_cli_names_runs_by_swept_values(trained, tmp_path):
     assert any(f.startswith('pareto') and f.endswith('.png') for f in os.listdir(out)) and (out / 'histograms.png').read_bytes()[:4] == b'\x89PNG'
     # the legend shows each run's swept values and the title the shards and the layer
     fig = plot_pareto(plain, title=eval_title(plain))
-    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert all(any(l.startswith(lab) for l in legend) for lab in plain.label)
     assert 'layer 1' in fig.axes[0].get_title() and shards.name[:8] in fig.axes[0].get_title()
     cli_fails('plots', '--runs', tmp_path / 'empty', '--out', tmp_path / 'p2', contains='no finished run')
@@ -354,3 +360,62 @@ def test_slurm_flags_without_slurm_are_one_line(trained):
     cli_fails('inference', '--run', run, '--data.shards', shards, '--data.tokens', 'all', '--other-tokens', '--slurm-acct', 'acct',
               env=env, contains='Slurm is not available here (no sbatch on PATH)')
     assert not _key_dir(run, shards, 'layer1-all').exists()
+
+
+# ---------------------------------------------------------------- issue 22: saev checkpoints, summaries, readable plots
+def test_inference_on_a_saev_checkpoint_file_or_its_folder(trained, tmp_path):
+    "`--run` takes a saev `sae.pt` (the file, or a folder holding only it): results beside it, the run's own numbers."
+    from saev_nb.sae import save_saev_checkpoint
+    from saev_nb.train import load_run
+    tmp, shards, (run, _) = trained
+    pt = save_saev_checkpoint(load_run(run).sae, tmp_path / 'saev' / 'sae.pt')
+    r = cli('inference', '--run', pt, '--data.shards', shards, '--data.layer', 1, '--data.batch-size', 512)
+    out = Path(r.stdout.strip().splitlines()[-1])
+    assert out == tmp_path / 'saev' / 'inference' / shards.name / 'layer1-content'
+    m = json.loads((out / 'metrics.json').read_text())
+    assert r.stdout.startswith(f"saev: nmse={m['normalized_mse']:.4f}")
+    ours = json.loads((Path(cli_in_process('inference', '--run', run, '--data.shards', shards).stdout.strip().splitlines()[-1]) / 'metrics.json').read_text())
+    assert m['normalized_mse'] == pytest.approx(ours['normalized_mse'], rel=1e-6) and m['l0'] == pytest.approx(ours['l0'])
+    info = json.loads((out / 'config.json').read_text())
+    assert info['run'] == str((tmp_path / 'saev').resolve()) and info['sae'] == str(pt.resolve())
+    # the folder that holds it works the same (finished: skipped), and a checkpoint alone must be told its layer
+    r = cli_in_process('inference', '--run', pt.parent, '--data.shards', shards, '--data.layer', 1)
+    assert Path(r.stdout.strip().splitlines()[-1]) == out and 'already evaluated' in r.stderr
+    cli_fails('inference', '--run', pt, '--data.shards', shards, contains='sae.pt: a checkpoint without a training config names no layer')
+    (tmp_path / 'nothing').mkdir()
+    cli_in_process_fails('inference', '--run', tmp_path / 'nothing', '--data.shards', shards, contains='or pass a checkpoint file')
+
+
+def test_plots_of_a_guide_like_sweep_are_readable(tmp_path):
+    """Six runs of a guide-like sweep (two widths x three coefficients, `[data] scale_mean`) beside one run of another
+    command (width from exp_factor): the legend is beside the axes, the axes keep most of the figure, and the labels
+    name only what differs: no NaN, no `val_data` twin of a `train_data` key."""
+    from saev_nb.evaluate import collect_runs, layout_report, plot_pareto, plot_sweep_hists
+    from saev_nb.shards import make_random_shards
+    shards = make_random_shards(tmp_path / 'shards', n_examples=64, layers=(1,), d_model=32, content_tokens=16)
+    (tmp_path / 'guide.toml').write_text('[sae]\nsparsity_coeff = [1e-4, 2e-4, 3e-4]\nd_sae = [64, 128]\n[data]\nscale_mean = true\n')
+    runs = _train(shards, 1, tmp_path / 'runs', 32, sweep=tmp_path / 'guide.toml', n_train=64 * 16 * 2, n_val=512)
+    assert len(runs) == 6
+    from dataclasses import replace
+    from saev_nb.train import load_run_config, train
+    c = load_run_config(runs[0])  # another command: no sweep, raw activations, its width from exp_factor (d_sae unset)
+    train(replace(c, sweep=None, sae=replace(c.sae, d_sae=None, exp_factor=2), objective=replace(c.objective, sparsity_coeff=4e-4),
+                  train_data=replace(c.train_data, scale_mean=False), val_data=replace(c.val_data, scale_mean=False)), progress=False)
+    cli_in_process('inference', '--run', *(tmp_path / 'runs').iterdir(), '--data.shards', shards)
+    r = cli('plots', '--runs', tmp_path / 'runs', '--out', tmp_path / 'plots')
+    out = Path(r.stdout.strip().splitlines()[-1])
+    df = pd.read_csv(out / 'runs.csv')
+    assert len(df) == 7 and set(df.swept) == {'train_data.scale_mean, objective.sparsity_coeff, d_sae'}, set(df.swept)
+    for lab in df.label:
+        assert 'nan' not in lab and 'val_data' not in lab and 'exp_factor' not in lab, lab
+    assert {l.split('  ', 1)[1] for l in df.label if 'd_sae=128' in l} == {
+        f'scale_mean=True, sparsity_coeff={c}, d_sae=128' for c in ('0.0001', '0.0002', '0.0003')}
+    assert any(l.endswith('scale_mean=False, sparsity_coeff=0.0004, d_sae=64') for l in df.label)  # the other command's run
+    # the figures: the legend beside the axes, never over them; the axes hold at least half of the figure
+    df = collect_runs([tmp_path / 'runs'])
+    for fig in (plot_pareto(df, title='a title'), plot_sweep_hists(df, title='a title')):
+        lay = layout_report(fig)
+        assert not lay['legend_overlaps'] and lay['inside'] and lay['axes_frac'] >= 0.5, lay
+    from PIL import Image
+    w, h = Image.open(out / 'pareto.png').size
+    assert 600 <= w <= 1800 and 400 <= h <= 800, (w, h)  # a figure sized for its axes and legend, not a 20 px strip

@@ -119,9 +119,9 @@ def test_cli_train_then_validate(tiny, tmp_path):
     assert df.shape[1] == 6 + 150 and (df.n_classes_present == 4).all()
     assert df[['wall', 'building', 'sky', 'floor']].notna().all().all() and df['tree'].isna().all()  # only classes 1..4 occur
     assert ((df.acc > 0) & (df.acc <= 1)).all()
-    # the command names the best probe, its mIoU and its checkpoint
+    # the command names the best probe, its pixel mIoU (not the patch IoU `semseg suppress` prints) and its checkpoint
     best = df.loc[df.mean_iou.idxmax()]
-    assert best_line.startswith(f"best probe {best['probe']}: mIoU {best['mean_iou']:.3f}, pixel accuracy {best['acc']:.3f}"), best_line
+    assert best_line.startswith(f"best probe {best['probe']}: pixel mIoU {best['mean_iou']:.3f}, pixel accuracy {best['acc']:.3f}"), best_line
     assert best_line.endswith(str(out/'checkpoints'/best['probe']/'probe.safetensors'))
     # the probe beats predicting the most frequent class of the validation pixels
     from saev_nb.probe import pixel_labels
@@ -138,7 +138,7 @@ def test_cli_train_then_validate(tiny, tmp_path):
     # validate re-scores the saved probes to the same numbers, into its own folder: training's results.csv is kept
     rv = cli('semseg', 'validate', '--imgs.root', tiny['root'], '--acts.shard-root', tiny['val'], '--out', out)
     v_line, v_path = rv.stdout.strip().splitlines()
-    assert v_line.startswith('best probe ') and 'mIoU' in v_line
+    assert v_line.startswith('best probe ') and ': pixel mIoU ' in v_line
     assert Path(v_path).parent.parent == out/'validate' and res_fpath.stat().st_mtime_ns == before
     df2 = pd.read_csv(v_path)
     np.testing.assert_allclose(df2.sort_values('probe').acc.values, df.sort_values('probe').acc.values, atol=2e-3)
@@ -171,3 +171,18 @@ def test_bad_input_is_one_line_from_the_console_script(tiny, tmp_path):
     (tmp_path/'bad.toml').write_text('lr = [1]\n')
     cli_fails('semseg', 'train', '--train-acts.shard-root', tiny['train'], '--val-acts.shard-root', tiny['val'],
               '--imgs.root', tiny['root'], '--sweep', tmp_path/'bad.toml', '--out', tmp_path, contains="unknown key 'lr'")
+
+
+def test_shipped_probe_sweep_is_saevs_grid(tiny, tmp_path):
+    "sweeps/semseg-probes.toml is saev's 6 x 3 grid, and `semseg train --sweep` takes it: 18 probes, one per pair."
+    fpath = Path(__file__).resolve().parents[1]/'sweeps'/'semseg-probes.toml'
+    grid = load_probe_sweep(fpath)
+    lrs, wds = [3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2], [1e-1, 1e-3, 1e-5]
+    assert grid == [{'learning_rate': lr, 'weight_decay': wd} for lr in lrs for wd in wds]
+    out = tmp_path/'semseg'
+    r = cli('semseg', 'train', '--train-acts.shard-root', tiny['train'], '--val-acts.shard-root', tiny['val'],
+            '--imgs.root', tiny['root'], '--sweep', fpath, '--n-epochs', 1, '--batch-size', 1024, '--out', out,
+            env={'TQDM_DISABLE': '1'})
+    df = pd.read_csv(r.stdout.strip().splitlines()[-1])
+    assert sorted(zip(df.learning_rate, df.weight_decay)) == sorted((lr, wd) for lr in lrs for wd in wds)
+    assert r.stdout.startswith('best probe ') and ': pixel mIoU ' in r.stdout

@@ -103,3 +103,55 @@ def test_fused_flag_leaves_other_activations_alone():
             loss, st = sae_loss(sae, x, Matryoshka(n_prefixes=3), prefixes=[4, 16, 32], fused=fused)
             loss.backward(); res.append((loss.detach(), sae.W_enc.grad, st['l1']))
         assert all(torch.equal(a, b) for a, b in zip(*res))
+
+def _saev_encode(fpath, x, top_k=None):
+    """saev's `encode` on a saev checkpoint, written out here (not importing saev): `x @ W_enc + b_enc`, then its ReLU,
+    or its TopK (the k largest pre-activations kept, negative ones too)."""
+    import io
+    st = torch.load(io.BytesIO(fpath.read_bytes().split(b'\n', 1)[1]), weights_only=True)
+    h_x = x @ st['W_enc'] + st['b_enc']
+    if top_k is None: return torch.relu(h_x)
+    return torch.zeros_like(h_x).scatter(-1, torch.topk(h_x, top_k, dim=-1, sorted=False).indices, 1.0) * h_x
+
+@pytest.mark.parametrize('act', [Relu(), TopK(top_k=16)], ids=['relu', 'topk'])
+def test_saev_export_folds_pre_subtracted_b_dec(tmp_path, act):
+    "saev has no b_dec pre-subtraction: the export folds it into b_enc, so saev's formula gives our codes (~1e-5)."
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_model=64, d_sae=256, activation=act, pre_subtract_b_dec=True), seed=3)
+    with torch.no_grad(): sae.b_dec.normal_(0, 2.0); sae.b_enc.normal_(0.3, 0.1)  # b_dec matters: ~2 per dimension
+    x = torch.randn(512, 64) * 3 + sae.b_dec.detach()
+    with torch.no_grad(): f_here = sae(x).f_x
+    assert topk_saev_difference(sae, x) is None  # every token has >= k positive pre-activations: TopKs agree
+    fpath = save_saev_checkpoint(sae, tmp_path/'sae.pt')
+    f_saev = _saev_encode(fpath, x, getattr(act, 'top_k', None))
+    assert (f_saev - f_here).abs().max() < 5e-5 and torch.equal(f_saev > 0, f_here > 0)  # measured: 7.6e-6
+    raw = torch.load(__import__('io').BytesIO(fpath.read_bytes().split(b'\n', 1)[1]), weights_only=True)
+    assert not torch.allclose(raw['b_enc'], sae.b_enc.detach())  # the fold changed it
+    back = load_sae(fpath)  # and back: saev's format has no pre-subtraction, the folded bias gives the same codes
+    assert not back.cfg.pre_subtract_b_dec
+    with torch.no_grad(): assert torch.allclose(back(x).f_x, f_here, atol=1e-5 * float(f_here.abs().max()))
+    with torch.no_grad(): assert torch.allclose(back(x).x_hat, sae(x).x_hat, atol=1e-4)
+
+def test_saev_export_without_pre_subtraction_is_exact(tmp_path):
+    sae = SAE(SAEConfig(d_model=16, d_sae=64), seed=1)
+    with torch.no_grad(): sae.b_dec.normal_(); sae.b_enc.normal_()
+    fpath = save_saev_checkpoint(sae, tmp_path/'sae.pt')
+    x = torch.randn(32, 16)
+    with torch.no_grad(): assert torch.equal(load_sae(fpath)(x).f_x, sae(x).f_x)
+
+def test_topk_difference_warns_on_export_and_load(tmp_path):
+    "k above a quarter of the width: both the exporter and the loader warn once, saying what differs."
+    sae = SAE(SAEConfig(d_model=16, d_sae=64, activation=TopK(top_k=40)), seed=0)
+    with pytest.warns(UserWarning, match=r'top_k=40 is above 0.25 of d_sae=64: saev\'s TopK keeps the 40 largest'):
+        fpath = save_saev_checkpoint(sae, tmp_path/'big.pt')
+    with pytest.warns(UserWarning, match=r'big.pt: top_k=40 .* fewer than 40 positive pre-activations'):
+        load_sae(fpath)
+    x = torch.randn(64, 16)  # measured: the count of tokens that differ, here most of them
+    with pytest.warns(UserWarning, match=r'of 64 tokens measured have fewer than 40 positive'):
+        save_saev_checkpoint(sae, tmp_path/'big2.pt', x_bd=x)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # small k: silent
+        load_sae(save_saev_checkpoint(SAE(SAEConfig(d_model=16, d_sae=64, activation=TopK(top_k=16))), tmp_path/'k.pt'))
+        load_sae(save_saev_checkpoint(SAE(SAEConfig(d_model=16, d_sae=64, activation=BatchTopK(top_k=40))),
+                                      tmp_path/'b.pt'))

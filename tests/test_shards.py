@@ -120,7 +120,10 @@ def test_metadata_is_saev_json_with_full_hash(seg_root, tmp_path, monkeypatch):
                         'max_tokens_per_shard', 'data', 'dataset', 'pixel_agg', 'dtype', 'protocol'}
     assert raw['protocol'] == '2.1' and isinstance(raw['data'], str) and raw['dataset'] == str(Path(seg_root).resolve())
     import hashlib
-    assert d.name == hashlib.sha256(json.dumps(raw, sort_keys=True, separators=(',', ':')).encode()).hexdigest()
+    # saev's rule: compact JSON in the dataclass's field order (orjson does not sort a dataclass's fields), as written
+    assert list(raw) == list(Metadata.__dataclass_fields__)
+    assert d.name == hashlib.sha256(json.dumps(raw, separators=(',', ':'), ensure_ascii=False).encode()).hexdigest()
+    assert (d / 'metadata.json').read_text() == json.dumps(raw, indent=2)  # orjson's indent 2, no final newline
     assert (d / HASH_FNAME).read_text().strip() == d.name
     with pytest.raises(ModuleNotFoundError, match="No module named 'saev'"): pickle.loads(base64.b64decode(raw['data']))
     cfg, mod = _saev_make_data_cfg(raw['data'], monkeypatch)

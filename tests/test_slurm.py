@@ -114,7 +114,7 @@ def test_inference_through_slurm(slurm, data, tmp_path):
     from saev_nb.shards import Metadata
     r = cli('inference', '--run', *data['runs'], '--data.shards', data['val'], '--log-to', tmp_path / 'logs', '--wait', *ACCT)
     assert len(_job_ids(r.stderr)) == 2 and 'Bypassing sacct' not in r.stderr
-    outs = [Path(l) for l in r.stdout.strip().splitlines()]
+    outs = [Path(l) for l in r.stdout.strip().splitlines()[-len(data['runs']):]]  # summary lines come first
     assert outs == [p / 'inference' / Metadata.load(data['val']).hash / 'layer3-content' for p in data['runs']]
     for o in outs: assert json.loads((o / 'metrics.json').read_text())['n_tokens'] == 16 * 64
     r = cli('inference', '--run', *data['runs'], '--data.shards', data['val'], '--log-to', tmp_path / 'logs', '--wait', *ACCT)

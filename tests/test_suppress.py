@@ -1,5 +1,5 @@
 "Class features and suppression: F1 against brute force, exact suppression, the planted-class experiment, and the CLIs."
-import json, subprocess, sys
+import json, re, shlex, subprocess, sys
 from pathlib import Path
 
 import numpy as np
@@ -221,8 +221,10 @@ def test_features_prints_commands_that_run(pipeline, tmp_path):
     assert Path(table) == tmp_path/'features'/'features.csv' and head[0].endswith('next:')
     assert set(feats.columns) >= {'class', 'name', 'latent', 'f1', 'precision', 'recall', 'frequency'}
     assert set(feats['class']) <= {1, 2, 3, 4} and len(feats) > 0 and (feats.f1 > 0).all()
-    assert inf_cmd == f"saev_nb inference --run {p['run']} --data.shards {p['val']} --data.layer 2"
-    assert vis_cmd.startswith(f"saev_nb visuals --run {p['run']} --shards {p['val']} --latents ")
+    assert inf_cmd == shlex.join(['saev_nb', 'inference', '--run', str(p['run']), '--data.shards', str(p['val']),
+                                  '--data.layer', '2'])
+    assert vis_cmd.startswith(shlex.join(['saev_nb', 'visuals', '--run', str(p['run']), '--shards', str(p['val']),
+                                          '--latents']) + ' ')
     assert '<' not in inf_cmd + vis_cmd
     # the printed commands run as printed, in a shell, and leave a gallery of the chosen latents
     env = {**__import__('os').environ, 'PATH': f"{SAEV_NB.parent}:{__import__('os').environ['PATH']}"}
@@ -256,7 +258,8 @@ def test_features_then_suppress(pipeline, capsys):
         '--max-freq', 0.6, '--purity', 0.8, '--out', p['out']/'p3')
     lines = capsys.readouterr().out.strip().splitlines()
     feats = pd.read_csv(lines[-1])
-    assert lines[-2].startswith(f"saev_nb visuals --run {p['run']} --shards {p['train']} --latents ")
+    assert lines[-2].startswith(shlex.join(['saev_nb', 'visuals', '--run', str(p['run']), '--shards', str(p['train']),
+                                            '--latents']) + ' ')
     # through the remaining block (SAE on 2, probe on 3), by the console command; the first batch checks the model reproduces block 3
     args = ('semseg', 'suppress', '--sae-ckpt', p['run']/'sae.safetensors', '--acts.shard-root', p['val'], '--n-boot', 200,
             '--out', p['out']/'p3')
@@ -264,6 +267,8 @@ def test_features_then_suppress(pipeline, capsys):
     out = r.stdout.strip().splitlines()
     summ = pd.read_csv(out[-1]).set_index('condition')
     assert out[0].startswith('condition') and [l.split()[0] for l in out[1:5]] == list(CONDITIONS)
+    assert out[0].endswith('patch IoU before -> after')  # not the pixel mIoU `semseg train` prints for the same probe
+    assert 'warning' not in r.stderr  # latents chosen on the training shards, scored on the validation ones
     assert out[-2].startswith(f"Of {feats['class'].nunique()} classes, ")
     assert list(summ.index) == list(CONDITIONS)
     assert summ.loc['none', 'target_change'] == 0 and summ.loc['none', 'other_change'] == 0
@@ -365,3 +370,41 @@ def test_stream_rebuilt_from_images_matches_the_shards(pipeline):
     assert b['resid'].shape[1] == ref['resid'].shape[1] + 1
     torch.testing.assert_close(b['resid'][:, 2:], ref['x'], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(b['resid'][:, 0], ref['resid'][:, 0], atol=1e-4, rtol=1e-4)
+
+
+def test_suppress_warns_when_features_were_chosen_on_the_scored_shards(pipeline, tmp_path):
+    "Latents selected on the validation shards, then scored on them: one warning line naming the table; train -> val: none."
+    p = pipeline
+    probe = next((p['out']/'p2'/'checkpoints').glob('*/probe.safetensors'))
+    cli_in_process('semseg', 'features', '--sae-ckpt', p['run']/'sae.safetensors', '--acts.shard-root', p['val'],
+                   '--imgs.root', p['root'], '--max-freq', 0.6, '--purity', 0.8, '--out', tmp_path)
+    feat = tmp_path/'features'/'features.csv'
+    from saev_nb.shards import Metadata
+    assert json.loads((feat.parent/'settings.json').read_text())['shards'] == Metadata.load(p['val']).hash
+    r = cli('semseg', 'suppress', '--sae-ckpt', p['run']/'sae.safetensors', '--acts.shard-root', p['val'],
+            '--probe', probe, '--n-boot', 50, '--out', tmp_path, env={'TQDM_DISABLE': '1'})
+    warn = [l for l in r.stderr.splitlines() if l.startswith('warning: ')]
+    assert len(warn) == 1 and warn[0].startswith(f'warning: {feat}: the class latents were chosen on {p["val"]}'), r.stderr
+    assert 'select them on training shards' in warn[0]
+    assert r.stdout.strip().splitlines()[0].endswith('patch IoU before -> after')
+    # latents chosen on the training shards and scored on the validation ones: no warning
+    cli_in_process('semseg', 'features', '--sae-ckpt', p['run']/'sae.safetensors', '--acts.shard-root', p['train'],
+                   '--imgs.root', p['root'], '--max-freq', 0.6, '--purity', 0.8, '--out', tmp_path/'tr')
+    train_feats = tmp_path/'tr'/'features'/'features.csv'
+    r2 = cli_in_process('semseg', 'suppress', '--sae-ckpt', p['run']/'sae.safetensors', '--acts.shard-root', p['val'],
+                        '--probe', probe, '--features', train_feats, '--n-boot', 50, '--out', tmp_path/'ok',
+                        env={'TQDM_DISABLE': '1'})
+    assert 'warning' not in r2.stderr and 'chosen on' not in r2.stderr
+
+
+def _help_text(*cmd) -> str:
+    "A command's --help with the box drawing removed and the whitespace collapsed."
+    return ' '.join(re.sub(r'[\u2500-\u257f]', ' ', cli(*cmd, '--help').stdout).split())
+
+
+@pytest.mark.parametrize('cmd', [('semseg', 'suppress'), ('semseg', 'features')])
+def test_help_gives_one_default_for_the_layer(cmd):
+    "`--acts.layer` of the SAE steps defaults to the SAE's training layer; the help says so once, and nothing else."
+    text = _help_text(*cmd)
+    assert text.count('default: the block the SAE was trained on') == 1, text
+    assert 'the last recorded one' not in text and "default layer: the SAE's training layer" not in text

@@ -128,7 +128,7 @@ def test_eval_json_agrees_with_inference_metrics(tmp_path):
     run = Path(r.stdout.strip().splitlines()[-1])
     assert (run/'normalizer.safetensors').is_file()
     ev = json.loads((run/'eval.json').read_text())
-    out = Path(cli_in_process('inference', '--run', run, '--data.shards', val_sh, '--data.batch-size', 256).stdout.strip())
+    out = Path(cli_in_process('inference', '--run', run, '--data.shards', val_sh, '--data.batch-size', 256).stdout.strip().splitlines()[-1])
     assert out.parent.parent == run/'inference' and out.name == 'layer1-content'
     m = json.loads((out/'metrics.json').read_text())
     assert ev['n_tokens'] == m['n_tokens'] == 48 * 16  # --n-val is capped at one epoch: every validation token once
@@ -181,3 +181,90 @@ def test_chunk_tokens_bad_values_are_one_line(tmp_path):
     cli_fails(*args, '--chunk-tokens', 0, contains='--chunk-tokens 0: use >= 1 tokens per pass')
     cli_in_process_fails(*args, '--chunk-tokens', 16, 'sae.activation:batchtopk', contains='BatchTopK would pick top-k per chunk')
     assert not (tmp_path/'runs').exists()
+
+
+# ---------------------------------------------------------------- issue 22: first-hour rough edges (installed CLI)
+def _warnings(stderr: str) -> list[str]:
+    return [l for l in stderr.splitlines() if l.startswith('warning: ')]
+
+def test_default_batch_sizes_are_capped_with_one_warning_each(tmp_path):
+    "No batch-size flags on small shards: each data config's batch size is capped to the tokens recorded, said once."
+    from helpers import cli
+    sh = _shards(tmp_path)  # 64 examples x 16 content tokens = 1,024 tokens, far below the default 16,384
+    (tmp_path/'two.toml').write_text('seed = [1, 2]\n')
+    r = cli('train', '--runs-root', tmp_path/'runs', '--train-data.shards', sh, '--train-data.layer', 1, '--val-data.shards', sh,
+            '--val-data.layer', 1, '--sae.d-model', 32, '--sae.exp-factor', 2, '--n-train', 2048, '--n-val', 1024, '--n-lr-warmup', 1,
+            '--sweep', tmp_path/'two.toml', env={'TQDM_DISABLE': '1'})
+    ws = _warnings(r.stderr)
+    for flag in ('--train-data.batch-size', '--val-data.batch-size'):
+        assert [w for w in ws if w.startswith(f'warning: {flag} ')] == [
+            f'warning: {flag} 16384 is more than the 1024 content tokens recorded in {sh}; using {flag} 1024'], r.stderr
+    runs = sorted(p for p in (tmp_path/'runs').iterdir() if p.is_dir())
+    assert len(runs) == 2 and all((p/'eval.json').exists() for p in runs)
+    cfgs = [json.loads((p/'config.json').read_text()) for p in runs]
+    assert {(c['train_data']['batch_size'], c['val_data']['batch_size']) for c in cfgs} == {(1024, 1024)}  # what it trained with
+    # the capped run is the run that the explicit batch size names (the run id means what was trained)
+    c = load_run_config(runs[0])
+    big = replace(c, sweep=None, train_data=replace(c.train_data, batch_size=16384), val_data=replace(c.val_data, batch_size=16384))
+    with pytest.warns(UserWarning, match='using --train-data.batch-size 1024'): capped = fit_batch_sizes(big)
+    assert run_id(capped) == runs[0].name
+
+def test_sweep_file_overrides_are_named_once(tmp_path):
+    "Flags the sweep file replaces are named in one warning line, also a flag given at its default (`--sae.exp-factor 16`)."
+    from helpers import cli
+    sh = _shards(tmp_path)
+    (tmp_path/'guide.toml').write_text('[sae]\nsparsity_coeff = [1e-4, 2e-4]\nd_sae = [32, 64]\n[data]\nscale_mean = true\n')
+    args = ['train', '--runs-root', tmp_path/'runs', '--train-data.shards', sh, '--train-data.layer', 1, '--val-data.shards', sh,
+            '--val-data.layer', 1, '--train-data.batch-size', 256, '--val-data.batch-size', 256, '--sae.d-model', 32,
+            '--n-train', 512, '--n-val', 256, '--n-lr-warmup', 1, '--sae.exp-factor', 16, 'sae.activation:relu', 'objective:matryoshka',
+            '--objective.sparsity-coeff', '1e-3', '--sweep', tmp_path/'guide.toml']
+    r = cli(*args, env={'TQDM_DISABLE': '1'})
+    ws = [w for w in _warnings(r.stderr) if ' overrides --' in w]
+    assert ws == [f'warning: {tmp_path/"guide.toml"} overrides --objective.sparsity-coeff 0.001, --sae.exp-factor 16 given on the '
+                  "command line; the sweep file's values are used (drop them from the file to keep the flags)"], r.stderr
+    assert len(r.stdout.strip().splitlines()) == 5  # four runs and the runs root
+    # without conflicting flags: no such warning
+    quiet = [a for a in args if a not in ('--sae.exp-factor', 16, '--objective.sparsity-coeff', '1e-3')]
+    r = cli_in_process(*quiet, env={'TQDM_DISABLE': '1'})
+    assert not [w for w in _warnings(r.stderr) if ' overrides --' in w], r.stderr
+
+def test_nmse_above_one_is_a_warning_naming_the_run(tmp_path):
+    "A run that reconstructs worse than the mean (an untrained random SAE: lr 1e-9, no b_dec init) is named on stderr."
+    from helpers import cli
+    sh = _shards(tmp_path)
+    r = cli('train', '--runs-root', tmp_path/'runs', '--train-data.shards', sh, '--train-data.layer', 1, '--val-data.shards', sh,
+            '--val-data.layer', 1, '--train-data.batch-size', 256, '--val-data.batch-size', 256, '--sae.d-model', 32,
+            '--sae.exp-factor', 2, '--n-train', 512, '--n-val', 256, '--n-lr-warmup', 1, '--lr', '1e-9', '--no-init-b-dec',
+            env={'TQDM_DISABLE': '1'})
+    run = Path(r.stdout.strip().splitlines()[-1])
+    nmse = json.loads((run/'eval.json').read_text())['nmse']
+    assert nmse > 1
+    assert [w for w in _warnings(r.stderr) if 'NMSE' in w] == [
+        f'warning: run {run}: NMSE {nmse:.3g} > 1, worse than predicting the mean activation; lower --lr or '
+        '--objective.sparsity-coeff, or train longer (--n-train)']
+
+def test_run_codes_of_an_image_match_the_shards(tmp_path):
+    "From a PIL image to SAE codes with the ViT the run records (train_metadata.json), as the shards recorded it."
+    from helpers import cli, tiny_shards
+    from PIL import Image
+    from saev_nb.loaders import IndexedDataset
+    from saev_nb.shards import Metadata
+    d = tiny_shards(tmp_path)
+    md = Metadata.load(d['train'])
+    r = cli('train', '--runs-root', tmp_path/'runs', '--train-data.shards', d['train'], '--train-data.layer', 3,
+            '--val-data.shards', d['val'], '--val-data.layer', 3, '--sae.d-model', md.d_model, '--sae.exp-factor', 2,
+            '--train-data.scale-mean', '--val-data.scale-mean', '--n-train', 4 * 48 * md.content_tokens_per_example,
+            '--n-val', 1024, '--n-lr-warmup', 1, env={'TQDM_DISABLE': '1'})
+    run_dpath = Path(r.stdout.strip().splitlines()[-1])
+    assert json.loads((run_dpath/'train_metadata.json').read_text())['ckpt'] == md.ckpt
+    run = load_run(run_dpath)
+    imgs = [Image.open(p) for p in sorted((d['root']/'images'/'training').iterdir())[:2]]
+    n = md.content_tokens_per_example
+    acts = IndexedDataset(d['train'], 3)[torch.arange(2 * n)]['acts'].reshape(2, n, -1)
+    codes = run.codes_of(imgs)
+    assert codes.shape == (2, n, run.sae.d_sae) and run.normalizer is not None
+    torch.testing.assert_close(run.acts_of(imgs), acts, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(codes, run.encode(acts.flatten(0, 1)).reshape(2, n, -1), atol=1e-4, rtol=1e-4)
+    # a run trained before train_metadata.json existed falls back to its training shards' metadata
+    (run_dpath/'train_metadata.json').unlink()
+    torch.testing.assert_close(load_run(run_dpath).codes_of(imgs[:1]), codes[:1], atol=1e-4, rtol=1e-4)

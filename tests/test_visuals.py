@@ -1,5 +1,5 @@
 "Tests of saev_nb.visuals: latent choice, highlights, top examples, the gallery on disk (and in a browser), CLI errors."
-import shutil, subprocess
+import json, re, shutil, subprocess
 from pathlib import Path
 
 import numpy as np
@@ -156,6 +156,13 @@ def test_gallery_labels_the_class_latents(real_gallery):
     page = index.read_text()
     assert all(n in page for n in table.name)
     assert read_features(feats, 512) == {int(l): v for l, v in labelled.items()}
+    # the label maps' colour key: one swatch per class shown, in `label_image`'s colour, with the class name
+    from saev_nb.visuals import label_palette
+    key = re.search(r'<p class="classes">(.*?)</p>', page).group(1)
+    swatches = re.findall(r'background:#([0-9a-f]{6})"></span>([^<]*)</span>', key)
+    pal = {'%02x%02x%02x' % tuple(int(v) for v in c): i for i, c in enumerate(label_palette()[:5])}
+    named = {name: pal.get(colour) for colour, name in swatches}
+    for _, row in table.drop_duplicates('class').iterrows(): assert named[row['name']] == row['class'], (named, row)
 
 
 def test_gallery_screenshot_in_chromium(real_gallery, tmp_path):
@@ -216,3 +223,34 @@ def test_display_and_label_transforms_share_the_models_geometry(family, ckpt, im
     assert ((r_hw - 25 * y_hw.long()).abs() <= 2).float().mean() > 0.85  # stripe interiors agree (edges blur)
     with pytest.raises(UserError, match='RandomHorizontalFlip is not a known geometric step'):
         display_transform(T.Compose([T.RandomHorizontalFlip()]))
+
+
+def test_second_call_warns_that_it_replaces_the_page(fake_eval, tmp_path):
+    "A second `visuals` into the same folder replaces index.html and says so, in one line naming it."
+    run, shards = fake_eval
+    args = ('visuals', '--run', run, '--shards', shards, '--n-latents', 0, '--top-k', 2, '--out', tmp_path/'g')
+    r1 = cli(*args, '--latents', 0, 1, env={'TQDM_DISABLE': '1'})
+    assert 'warning' not in r1.stderr
+    r2 = cli(*args, '--latents', 2, env={'TQDM_DISABLE': '1'})
+    index = tmp_path/'g'/'index.html'
+    assert r2.stderr.strip().splitlines() == [f'warning: {index}: replacing the gallery an earlier `saev_nb visuals` wrote '
+                                              'here (and its grids); pass --out DIR to keep both']
+    assert Path(r2.stdout.strip()) == index and list(pd.read_csv(tmp_path/'g'/'latents.csv').latent) == [2]
+
+
+def test_visuals_takes_a_saev_checkpoint_file(fake_eval, tmp_path):
+    "`--run sae.pt`: the evaluations of a bare checkpoint live in its folder (as `saev_nb inference` writes them)."
+    from saev_nb.shards import Metadata
+    run, shards = fake_eval
+    md = Metadata.load(shards)
+    pt = tmp_path/'saev run'/'sae.pt'
+    shutil.copytree(run/'inference', pt.parent/'inference')
+    pt.write_bytes(b'')  # visuals reads only the evaluation
+    cfg_fpath = pt.parent/'inference'/md.hash/'layer2-content'/'config.json'
+    cfg_fpath.write_text(json.dumps({**json.loads(cfg_fpath.read_text()), 'sae': str(pt.resolve())}))
+    r = cli('visuals', '--run', pt, '--shards', shards, '--latents', 0, '--n-latents', 0, '--top-k', 2, env={'TQDM_DISABLE': '1'})
+    index = Path(r.stdout.strip())
+    assert index == pt.parent/'visuals'/md.hash/'index.html' and index.is_file()
+    assert 'SAE latents of saev run' in index.read_text()
+    cli_fails('visuals', '--run', tmp_path/'other'/'sae.pt', '--shards', shards,
+              contains=f"run `saev_nb inference --run {tmp_path/'other'/'sae.pt'} --data.shards {shards}` first")
