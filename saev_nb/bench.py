@@ -18,16 +18,17 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .data import SegFolderConfig, progress_bar, tiny_dataset, to_json
+from .data import SegFolderConfig, tiny_dataset
+from .core import progress_bar, to_json
 from .models import DEFAULT_CKPT, DEFAULT_FAMILY, record
-from .shards import TORCH_DTYPES, ShardsConfig, _Examples, plan, prepare_dir, validate_shards, write_range
+from .shards import TORCH_DTYPES, ShardsConfig, ImageExamples, plan, prepare_dir, validate_shards, write_range
 from .shards import make_random_shards, shard_name
 from .loaders import OrderedConfig, OrderedLoader, ShuffledConfig, ShuffledLoader, batch_entropy
 from .sae import SAEConfig, Vanilla
 from .train import SAETrainer, TrainConfig
 
 # %% ../nbs/11_bench.ipynb #c41db70f
-from .data import UserError, device_problem
+from .core import UserError, device_problem
 
 class BenchError(UserError, ValueError):
     "A benchmark cannot run as asked (`--batch-size 0`, `--device cuda` without a GPU, `--cold` without root)."
@@ -104,7 +105,7 @@ def bench_shards(cfg: BenchShardsConfig) -> dict:
                 for i in range(0, len(x_nchw), cfg.batch_size):
                     record(vit, x_nchw[i:i + cfg.batch_size], md.layers, md.cls_token).to(out_dtype).cpu()
                 sync(); fwds.append(len(x_nchw) / (time.perf_counter() - t0))
-            dl = torch.utils.data.DataLoader(_Examples(ds, vit.img_size), batch_size=cfg.batch_size,
+            dl = torch.utils.data.DataLoader(ImageExamples(ds, vit.img_size), batch_size=cfg.batch_size,
                                              num_workers=cfg.n_workers, prefetch_factor=4 if cfg.n_workers else None)
             with torch.inference_mode():  # the same pipeline minus the writes: decode + forward
                 t0 = time.perf_counter()

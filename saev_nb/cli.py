@@ -8,7 +8,7 @@ import importlib, inspect, os, sys, typing as tp, warnings
 
 import tyro
 
-from .data import UserError
+from .core import UserError
 
 # %% auto #0
 __all__ = ['COMMANDS', 'GROUPS', 'UsageError', 'resolve', 'load_command', 'usage', 'main']

@@ -14,85 +14,17 @@ import tyro
 from PIL import Image, ImageDraw, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from .core import UserError, progress_bar
+
 # %% auto #0
-__all__ = ['N_ADE', 'ADE_CLASS_NAMES', 'N_CLASSES', 'SAEV_LABELS_CSV', 'DataConfig', 'UserError', 'MissingFileError', 'DataError',
-           'device_problem', 'progress_bar', 'to_json', 'LockedError', 'hold_lock', 'read_class_names', 'ClassLook',
+__all__ = ['N_ADE', 'ADE_CLASS_NAMES', 'N_CLASSES', 'SAEV_LABELS_CSV', 'DataConfig', 'DataError', 'read_class_names', 'ClassLook',
            'class_looks', 'paint', 'make_scene', 'make_scenes', 'SegFolder', 'ImgFolder', 'SegFolderConfig',
            'ImgFolderConfig', 'is_seg', 'make_dataset', 'cache_dpath', 'tiny_dataset', 'MakeDataConfig',
            'make_data_cli']
 
 # %% ../nbs/00_data.ipynb #97296336
-class UserError(Exception):
-    "A problem the user can fix (bad input, a missing or damaged file); the message names the file and the fix."
-
-class MissingFileError(UserError, FileNotFoundError):
-    "A file or folder a step needs is not there; the message says which command makes it."
-
 class DataError(UserError, ValueError):
     "A data set on disk is not what the reader expects; the message names the file and the fix."
-
-# %% ../nbs/00_data.ipynb #1255c283
-def device_problem(device: str,  # a torch device string: `cpu`, `cuda`, `cuda:1`
-                   flag: str = '--device',  # the flag (or field) it came from, named in the message
-                  ) -> str|None:  # one line: what is wrong and what to do; None when torch can use `device` here
-    "Why torch cannot use `device` on this machine, or None if it can."
-    try: d = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        return f"{flag} {device!r}: not a torch device; use {flag} cpu, cuda or cuda:N"
-    if d.type == 'cpu': return None
-    if d.type != 'cuda': return f"{flag} {device}: only cpu and cuda devices are supported; use {flag} cpu or cuda"
-    if not torch.cuda.is_available():
-        return f"{flag} {device}: torch sees no CUDA GPU on this machine; use {flag} cpu or run on a GPU node"
-    if d.index is not None and d.index >= (n := torch.cuda.device_count()):
-        return f"{flag} {device}: this machine has {n} CUDA GPU{'s' if n > 1 else ''} (cuda:0..cuda:{n - 1}); pick one"
-    return None
-
-# %% ../nbs/00_data.ipynb #a0ea141e
-def progress_bar(iterable: tp.Iterable|None = None,  # what to iterate over (or None with `total=`)
-                 progress: bool = True,  # the caller's switch; False hides the bar
-                 **kwargs,  # passed on to tqdm (desc, total, unit, ...)
-                ) -> tqdm:
-    "A tqdm bar that `progress=False` or `TQDM_DISABLE=1` hides."
-    off = not progress or os.environ.get('TQDM_DISABLE', '').lower() not in ('', '0', 'false')
-    return tqdm(iterable, disable=off or kwargs.pop('disable', False), **kwargs)
-
-# %% ../nbs/00_data.ipynb #ecbb6e29
-def _finite_or_none(obj):
-    if isinstance(obj, float): return obj if np.isfinite(obj) else None
-    if isinstance(obj, dict): return {k: _finite_or_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)): return [_finite_or_none(v) for v in obj]
-    if isinstance(obj, np.generic): return _finite_or_none(obj.item())
-    return obj
-
-def to_json(obj,  # dicts, lists, numbers, strings (numpy scalars too)
-            indent: int|None = 2,  # as in `json.dumps`
-           ) -> str:
-    "Strict JSON text of `obj`: non-finite floats are written as `null`."
-    return json.dumps(_finite_or_none(obj), indent=indent, allow_nan=False)
-
-# %% ../nbs/00_data.ipynb #d1d7d107
-class LockedError(UserError, RuntimeError):
-    "Another live process holds the directory's lock; the message names it."
-
-@contextlib.contextmanager
-def hold_lock(dpath: Path|str,  # the directory one process may write at a time
-              what: str = 'writer',  # what the holder is, for the message (`shard writer`, `trainer`)
-              wait: bool = False,  # block until the holder is done instead of failing
-              fname: str = '.writer.lock',  # the lock file inside `dpath`
-             ):
-    "Hold an exclusive `flock` on `dpath/fname` for the block; a second holder fails (or waits) naming the first."
-    import fcntl, socket
-    fpath = Path(dpath)/fname; fpath.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(fpath, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        try: fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors='replace').strip() or 'another process'
-            raise LockedError(f'{dpath}: another {what} is running ({holder}); wait for it, stop it, or pass --wait '
-                              f'to start when it is done') from None
-        os.ftruncate(fd, 0); os.pwrite(fd, f'pid {os.getpid()} on {socket.gethostname()}'.encode(), 0)
-        yield fpath
-    finally: os.close(fd)
 
 # %% ../nbs/00_data.ipynb #83b4b31b
 _ADE_NAMES = """wall building sky floor tree ceiling road bed windowpane grass cabinet sidewalk person earth door

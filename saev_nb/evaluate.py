@@ -16,12 +16,14 @@ from fastcore.basics import patch
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from .data import UserError, MissingFileError, progress_bar, device_problem
-from .shards import Metadata, ShardError, Tokens, atomic_write
+from .core import UserError, MissingFileError, progress_bar, device_problem
+from .shards import Metadata, ShardError, Tokens
+from .core import atomic_write
 from .loaders import OrderedConfig, OrderedLoader, Normalizer
 from .sae import load_sae
 from .train import load_run_or_ckpt, load_run_config, cfg_to_dict, Metrics, merge_moments, ALMOST_DEAD, DENSE
-from .shards import disk_full_errors, slurm_executor, submitted, wait_jobs
+from .core import disk_full_errors
+from .jobs import slurm_executor, submitted, wait_jobs
 
 # %% auto #0
 __all__ = ['EvalError', 'TokenActs', 'csr_topk', 'example_max', 'pareto_mask', 'legend_beside', 'layout_report', 'plot_pareto',

@@ -16,9 +16,9 @@ from fastcore.basics import patch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .data import MissingFileError, UserError, device_problem
-from .shards import (DTYPES, TORCH_DTYPES, Metadata, ShardError, make_random_shards, shard_name, user_mode,
-                            validate_shards)
+from .core import MissingFileError, UserError, device_problem
+from .shards import DTYPES, TORCH_DTYPES, Metadata, ShardError, make_random_shards, shard_name, validate_shards
+from .core import user_mode
 
 # %% auto #0
 __all__ = ['LoaderError', 'ShardSource', 'IndexedDataset', 'Normalizer', 'ShuffledConfig', 'ShuffledLoader', 'cached_probes',

@@ -18,7 +18,7 @@ __all__ = ['FAMILIES', 'DEFAULT_FAMILY', 'DEFAULT_CKPT', 'TINY_CFG', 'ModelError
            'pixel_to_patch_labels']
 
 # %% ../nbs/01_models.ipynb #6be12dd5
-from .data import UserError
+from .core import UserError
 
 class ModelError(UserError, ValueError):
     "A model request cannot be served; the message names the checkpoint and the fix."

@@ -22,7 +22,7 @@ __all__ = ['ProbeError', 'ProbeSweepError', 'load_probe_sweep', 'LinearProbes', 
            'probe_train_cli', 'find_probes', 'validate_saved_probes', 'probe_validate_cli']
 
 # %% ../nbs/08_probe.ipynb #f08e5bfb
-from .data import UserError, MissingFileError, progress_bar, device_problem
+from .core import UserError, MissingFileError, progress_bar, device_problem, log, Step
 
 class ProbeError(UserError, ValueError):
     "Probe input that cannot work (a layer not recorded, mismatched shards, not a probe file); one line with the fix."
@@ -139,7 +139,7 @@ def train_probes(batches: tp.Iterable[dict],  # dicts with 'acts' (B, d) and 'la
                  n_classes: int = 151,  # outputs
                  device: str = 'cpu',  # where to train
                  seed: int = 0,  # initialisation seed
-                 progress: bool = True,  # show a progress bar (`saev_nb.data.progress_bar`)
+                 progress: bool = True,  # show a progress bar (`saev_nb.core.progress_bar`)
                  total: int|None = None,  # number of batches, for the bar
                 ) -> tuple[LinearProbes, np.ndarray]:  # trained probes, loss per (step, probe)
     "Train one linear probe per hyper-parameter setting, all on the same stream of batches."
@@ -420,7 +420,7 @@ class ProbeValidateConfig:
 
 # %% ../nbs/08_probe.ipynb #842a4665
 import sys
-from .shards import atomic_write
+from .core import atomic_write
 
 def write_results(df: pd.DataFrame,  # `results_frame` output
                   logs_dpath: Path,  # folder for results.csv and hparam-sweeps.png
@@ -460,12 +460,6 @@ class ProbeResults:
         return (f"best probe {b['probe']}: pixel mIoU {b['mean_iou']:.3f}, pixel accuracy {b['acc']:.3f} "
                 f"(of {len(self.table)} probes, mIoU over {int(b['n_classes_present'])} classes): {self.best_fpath}")
 
-def _log(msg: str): print(msg, file=sys.stderr, flush=True)
-
-def _same_settings(fpath: Path, settings: dict) -> bool:
-    try: return json.loads(fpath.read_text()) == json.loads(json.dumps(settings))
-    except (OSError, json.JSONDecodeError): return False
-
 def _check_pair(train_md: Metadata, val_md: Metadata, layer: int, cfg: ProbeTrainConfig):
     for k in ('family', 'ckpt', 'd_model', 'content_tokens_per_example'):
         if getattr(train_md, k) != getattr(val_md, k):
@@ -495,28 +489,28 @@ def train_probe_sweep(cfg: ProbeTrainConfig,  # shards, sweep and output folder
                 'imgs': [str(Path(cfg.imgs.root).resolve()), cfg.imgs.split],
                 'n_epochs': cfg.n_epochs, 'batch_size': cfg.batch_size, 'seed': cfg.seed}
     done = logs/'train-settings.json'
-    finished = (logs/'results.csv').is_file() and all(f.is_file() for f in ckpts) and _same_settings(done, settings)
-    if finished and not cfg.force:
-        why = (f"{cfg.out}: these {len(hparams)} probes were already trained and validated with the same settings "
-               f"({done.name}); skipping (pass --force to retrain)")
-        _log(why)
+    step = Step(logs, settings, (logs/'results.csv', *ckpts), fname=done.name,
+                what=f'{len(hparams)} probes (trained and validated)')
+    if not cfg.force and step.finished():
+        log(why := step.skipping())
         return ProbeResults(pd.read_csv(logs/'results.csv'), logs/'results.csv', ckpts, why)
-    dl = ShuffledLoader(ShuffledConfig(shards=cfg.train_acts.shard_root, layer=layer, tokens='content',
-                                       batch_size=cfg.batch_size, seed=cfg.seed))
-    n_batches = cfg.n_epochs * math.ceil(dl.n_tokens / cfg.batch_size)
-    batches = (b for _ in range(cfg.n_epochs) for b in dl)
-    probes, losses = train_probes(batches, hparams, md.d_model, N_CLASSES, cfg.device, cfg.seed, progress, n_batches)
-    meta = {'shards': str(cfg.train_acts.shard_root), 'layer': layer, 'family': md.family, 'ckpt': md.ckpt,
-            'n_epochs': cfg.n_epochs, 'batch_size': cfg.batch_size}
-    for i, (h, f) in enumerate(zip(hparams, ckpts)):
-        save_probe(probes, i, f, {**h, **meta, 'final_loss': float(losses[-1, i])})
-    logs.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(losses, columns=[probe_name(h) for h in hparams]).to_csv(logs/'train-loss.csv', index_label='step')
-    conf, names = validate_probes(probes, ActsConfig(cfg.val_acts.shard_root, val_layer), cfg.imgs, cfg.device,
-                                  progress=progress)
-    df = results_frame(hparams, seg_scores(conf), names)
-    fpath = write_results(df, logs)
-    atomic_write(done, lambda p: p.write_text(json.dumps(settings, indent=1)))
+    with step.running():
+        dl = ShuffledLoader(ShuffledConfig(shards=cfg.train_acts.shard_root, layer=layer, tokens='content',
+                                           batch_size=cfg.batch_size, seed=cfg.seed))
+        n_batches = cfg.n_epochs * math.ceil(dl.n_tokens / cfg.batch_size)
+        batches = (b for _ in range(cfg.n_epochs) for b in dl)
+        probes, losses = train_probes(batches, hparams, md.d_model, N_CLASSES, cfg.device, cfg.seed, progress,
+                                      n_batches)
+        meta = {'shards': str(cfg.train_acts.shard_root), 'layer': layer, 'family': md.family, 'ckpt': md.ckpt,
+                'n_epochs': cfg.n_epochs, 'batch_size': cfg.batch_size}
+        for i, (h, f) in enumerate(zip(hparams, ckpts)):
+            save_probe(probes, i, f, {**h, **meta, 'final_loss': float(losses[-1, i])})
+        logs.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(losses, columns=[probe_name(h) for h in hparams]).to_csv(logs/'train-loss.csv', index_label='step')
+        conf, names = validate_probes(probes, ActsConfig(cfg.val_acts.shard_root, val_layer), cfg.imgs, cfg.device,
+                                      progress=progress)
+        df = results_frame(hparams, seg_scores(conf), names)
+        fpath = write_results(df, logs)
     return ProbeResults(df, fpath, ckpts)
 
 def probe_train_cli(cfg: ProbeTrainConfig):
@@ -552,20 +546,19 @@ def validate_saved_probes(cfg: ProbeValidateConfig,  # probes, shards and output
     dpath = cfg.out/'validate'/md.hash[:12]
     settings = {'ckpts': [[str(f.resolve()), f.stat().st_mtime_ns] for f in fpaths], 'shards': md.hash, 'layer': layer,
                 'imgs': [str(Path(cfg.imgs.root).resolve()), cfg.imgs.split]}
-    if not cfg.force and (dpath/'results.csv').is_file() and _same_settings(dpath/'settings.json', settings):
-        why = (f"{dpath}: these {len(fpaths)} probes were already scored on these shards; skipping "
-               "(pass --force to re-score)")
-        _log(why)
+    step = Step(dpath, settings, (dpath/'results.csv',), what=f'scores of {len(fpaths)} probes on these shards')
+    if not cfg.force and step.finished():
+        log(why := step.skipping())
         return ProbeResults(pd.read_csv(dpath/'results.csv'), dpath/'results.csv', tuple(fpaths), why)
-    nan = float('nan')
-    hparams = [{'learning_rate': m.get('learning_rate', nan), 'weight_decay': m.get('weight_decay', nan)}
-               for _, m in loaded]
-    stack = stack_probes([p for p, _ in loaded])
-    conf, names = validate_probes(stack, ActsConfig(cfg.acts.shard_root, layer), cfg.imgs, cfg.device,
-                                  progress=progress)
-    df = results_frame(hparams, seg_scores(conf), names)
-    fpath = write_results(df, dpath)
-    atomic_write(dpath/'settings.json', lambda p: p.write_text(json.dumps(settings, indent=1)))
+    with step.running():
+        nan = float('nan')
+        hparams = [{'learning_rate': m.get('learning_rate', nan), 'weight_decay': m.get('weight_decay', nan)}
+                   for _, m in loaded]
+        stack = stack_probes([p for p, _ in loaded])
+        conf, names = validate_probes(stack, ActsConfig(cfg.acts.shard_root, layer), cfg.imgs, cfg.device,
+                                      progress=progress)
+        df = results_frame(hparams, seg_scores(conf), names)
+        fpath = write_results(df, dpath)
     return ProbeResults(df, fpath, tuple(fpaths))
 
 def probe_validate_cli(cfg: ProbeValidateConfig):

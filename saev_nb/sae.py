@@ -335,8 +335,8 @@ def sae_loss(sae: SAE, x_bd: Tensor, # model and batch
     return loss, stats
 
 # %% ../nbs/04_sae.ipynb #8a4a7aa7
-from .data import UserError, MissingFileError
-from .shards import atomic_write
+from .core import UserError, MissingFileError
+from .core import atomic_write
 
 def save_sae(sae: SAE, fpath: Path|str, extra: dict|None=None) -> Path:
     "Write `sae` to `fpath` (safetensors, config JSON in the metadata, plus optional `extra` JSON)."

@@ -5,7 +5,7 @@
 # %% ../nbs/02_shards.ipynb #3c514329
 from __future__ import annotations
 import base64, contextlib, dataclasses, fcntl, hashlib, io, json, math, os, pickle, queue, socket, struct, sys
-import threading, time
+import errno, logging, re, shutil, threading, time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any, Callable, Literal
@@ -14,18 +14,21 @@ import numpy as np
 import torch
 from fastcore.basics import patch
 
+from .core import atomic_write, write_text_atomic, user_mode, disk_full_errors, DiskFullError
+from .jobs import JobError, quiet_sacct, job_log, slurm_executor, submitted, wait_jobs, end_with_parent
+
 # %% auto #0
 __all__ = ['DTYPES', 'TORCH_DTYPES', 'HASH_FNAME', 'SAEV_DATA_CLASSES', 'Tokens', 'TOKEN_SETS', 'WRITER_LOCK', 'JOBS_LOCK',
-           'ShardError', 'Metadata', 'atomic_write', 'user_mode', 'encode_data', 'decode_data', 'load_shard_info',
-           'open_shard', 'shard_name', 'open_labels', 'as_torch', 'alloc_file', 'pwrite_all', 'mark_complete',
-           'complete_shards', 'check_name', 'shards_dpath', 'listed_shards', 'n_label_classes', 'scan_finite',
-           'validate_shards', 'make_random_shards', 'ShardsConfig', 'data_dict', 'plan', 'make_dir', 'prepare_dir',
-           'writer_lock', 'shard_batches', 'ShardWriter', 'job_shards', 'check_finite', 'write_range', 'DiskFullError',
-           'disk_full_errors', 'JobError', 'quiet_sacct', 'job_log', 'slurm_executor', 'submitted', 'wait_jobs',
-           'write_shards', 'vit_for_shards', 'shards_cli', 'ValidateShardsConfig', 'validate_shards_cli']
+           'ShardError', 'Metadata', 'encode_data', 'decode_data', 'load_shard_info', 'open_shard', 'shard_name',
+           'open_labels', 'as_torch', 'alloc_file', 'pwrite_all', 'mark_complete', 'complete_shards', 'check_name',
+           'shards_dpath', 'listed_shards', 'n_label_classes', 'scan_finite', 'validate_shards', 'make_random_shards',
+           'ShardsConfig', 'data_dict', 'plan', 'make_dir', 'prepare_dir', 'writer_lock', 'ImageExamples',
+           'shard_batches', 'ShardWriter', 'job_shards', 'check_finite', 'write_range', 'write_shards',
+           'vit_for_shards', 'shards_cli', 'ValidateShardsConfig', 'validate_shards_cli']
 
 # %% ../nbs/02_shards.ipynb #00226a9e
-from .data import UserError, read_class_names, device_problem
+from .data import read_class_names
+from .core import UserError, device_problem
 from .models import architecture_ckpt, load_vit
 
 class ShardError(UserError, ValueError):
@@ -119,8 +122,8 @@ class Metadata:
     def dump(self, dpath: Path):
         "Write `metadata.json` as saev does (orjson indent 2, field order) and the hash it was written with."
         text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False)  # orjson's OPT_INDENT_2 bytes, no final newline
-        _atomic_write(Path(dpath) / 'metadata.json', text)
-        _atomic_write(Path(dpath) / HASH_FNAME, self.hash + '\n')
+        write_text_atomic(Path(dpath) / 'metadata.json', text)
+        write_text_atomic(Path(dpath) / HASH_FNAME, self.hash + '\n')
 
     @classmethod
     def load(cls, dpath: Path) -> Metadata:
@@ -145,35 +148,10 @@ class Metadata:
 
 HASH_FNAME = 'metadata.sha256'  # the hash metadata.json had when written: tells a renamed directory from an edited file
 
-def atomic_write(fpath: Path,  # destination
-                 write: Callable[[Path], Any],  # writes the content to the path it is given
-                ):
-    "Let `write` fill a hidden sibling of `fpath`, fsync it, then `os.replace` it: readers never see half a file."
-    fpath = Path(fpath); tmp = fpath.with_name(f'.tmp.{os.getpid()}.{fpath.name}')
-    try:
-        write(tmp)
-        with open(tmp, 'rb') as f: os.fsync(f.fileno())
-        os.replace(tmp, fpath)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a failed write (full disk, kill) leaves nothing behind
-        raise
-
-def _atomic_write(fpath: Path, text: str):
-    "Atomically write `text` to `fpath` (UTF-8)."
-    atomic_write(fpath, lambda p: p.write_bytes(text.encode('utf-8')))
-
 def _compact_json(v) -> str:
     "One value as orjson writes it with OPT_SORT_KEYS: no spaces, UTF-8, the keys of a dict (an older `data`) sorted."
     return json.dumps(v, sort_keys=True, separators=(',', ':'), ensure_ascii=False)
 
-def user_mode() -> int:
-    "The mode a new file gets under the user's umask (0o666 & ~umask), for writers that fix a mode (safetensors: 0600)."
-    try:
-        for line in open('/proc/self/status'):
-            if line.startswith('Umask:'): return 0o666 & ~int(line.split()[1], 8)
-    except OSError: pass
-    m = os.umask(0o022); os.umask(m)
-    return 0o666 & ~m
 
 # %% ../nbs/02_shards.ipynb #5c26c1b1
 # our data kind -> the class in saev.data.datasets
@@ -347,7 +325,7 @@ def mark_complete(dpath: Path, i: int, n_examples: int):
         info = json.loads(fpath.read_text()) if fpath.exists() else []
         info = [d for d in info if d['name'] != shard_name(i)]
         info = sorted(info + [{'name': shard_name(i), 'n_examples': int(n_examples)}], key=lambda d: d['name'])
-        _atomic_write(fpath, json.dumps(info, indent=2))
+        write_text_atomic(fpath, json.dumps(info, indent=2))
 
 def complete_shards(dpath: Path) -> set[int]:
     "Indices of the shards already listed in `shards.json` (empty when there is none)."
@@ -520,7 +498,8 @@ import shutil, errno
 import tyro
 from tqdm.auto import tqdm
 from .models import ModelError, load_vit, record, pixel_to_patch_labels, DEFAULT_FAMILY, DEFAULT_CKPT
-from .data import DataConfig, DataError, SegFolderConfig, ImgFolderConfig, make_dataset, is_seg, progress_bar
+from .data import DataConfig, DataError, SegFolderConfig, ImgFolderConfig, make_dataset, is_seg
+from .core import progress_bar
 
 # %% ../nbs/02_shards.ipynb #c5b7290d
 @dataclass(frozen=True)
@@ -699,22 +678,9 @@ def _no_running_jobs(dpath: Path, timeout_s: float = 10.0):
                 time.sleep(0.2)
     finally: os.close(fd)
 
-def _alive(pid: int) -> bool:
-    try: return open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()[0] != 'Z'  # a zombie is dead too
-    except FileNotFoundError: return False
-    except OSError:
-        try: os.kill(pid, 0); return True
-        except ProcessLookupError: return False
-
-def _end_with_parent(pid: int, poll_s: float = 0.5):
-    "A local job exits as soon as process `pid` (the `saev_nb shards` that started it) is gone."
-    def watch():
-        while _alive(pid): time.sleep(poll_s)
-        os._exit(3)
-    threading.Thread(target=watch, daemon=True, name='saev-parent-watch').start()
 
 # %% ../nbs/02_shards.ipynb #1a475a3b
-class _Examples(torch.utils.data.Dataset):
+class ImageExamples(torch.utils.data.Dataset):
     "Wraps a data set: item -> (image tensor, pixel labels uint8 (H, W), or an empty tensor without labels)."
     def __init__(self, ds, img_size): self.ds, self.img_size = ds, tuple(img_size)
     def __len__(self): return len(self.ds)
@@ -834,7 +800,7 @@ def write_range(cfg: ShardsConfig, dpath: Path, job_i: int = 0, n_jobs: int = 1,
     batches = shard_batches(md, todo, cfg.batch_size)
     if not batches: return 0
     labels = (dpath / 'labels.bin').exists()
-    dl = torch.utils.data.DataLoader(_Examples(ds, vit.img_size), batch_sampler=batches, num_workers=cfg.n_workers,
+    dl = torch.utils.data.DataLoader(ImageExamples(ds, vit.img_size), batch_sampler=batches, num_workers=cfg.n_workers,
                                      persistent_workers=False, prefetch_factor=4 if cfg.n_workers else None)
     writer, tdt = ShardWriter(dpath, md, labels, vit.patch_size[0]), TORCH_DTYPES[md.dtype]
     n_done, ok = 0, False
@@ -859,111 +825,10 @@ def write_range(cfg: ShardsConfig, dpath: Path, job_i: int = 0, n_jobs: int = 1,
         writer.close(abort=not ok)
     return n_done
 
-# %% ../nbs/02_shards.ipynb #1e0ee3bd
-import contextlib, errno, logging, re, shutil
-from .data import UserError
-
-class DiskFullError(UserError, OSError):
-    "A write failed because the disk (or the quota) is full; the message names the path."
-
-@contextlib.contextmanager
-def disk_full_errors(dpath: Path,  # the folder being written (named when the error has no file name)
-                     hint: str = 'free space or write elsewhere, then rerun the same command to resume',  # what to do
-                    ):
-    "Turn 'no space left on device' inside the block into one `DiskFullError` line naming the path."
-    try: yield
-    except OSError as e:
-        if isinstance(e, UserError) or e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG): raise
-        raise DiskFullError(f'{e.filename or dpath}: disk full ({e.strerror}); {hint}') from None
-    except RuntimeError as e:  # torch.save reports a short write as a RuntimeError of its zip writer ("unexpected pos")
-        d = Path(dpath)
-        while not d.exists() and d != d.parent: d = d.parent
-        short_write = any(m in str(e) for m in ('unexpected pos', 'file write failed', 'No space left'))
-        if not short_write and shutil.disk_usage(d).free >= 1 << 20: raise
-        raise DiskFullError(f'{dpath}: disk full or file size limit ({shutil.disk_usage(d).free} bytes free) while '
-                            f'writing; {hint}') from None
-
-class JobError(UserError):
-    "A submitit job (Slurm or local) failed; the message names the job id and its log."
-
-class _NoSacct(logging.Filter):
-    "Drop submitit's 'Bypassing sacct error' warnings (one per status poll when Slurm accounting is off)."
-    def filter(self, record): return 'Bypassing sacct error' not in record.getMessage()
-
-def quiet_sacct():
-    "Quiet submitit where Slurm accounting is off: filter its warnings, drop `sacct`'s stderr (idempotent)."
-    lg = logging.getLogger('submitit')
-    if not any(isinstance(f, _NoSacct) for f in lg.filters): lg.addFilter(_NoSacct())
-    from submitit.slurm.slurm import SlurmJob
-    w = SlurmJob.watcher
-    if getattr(w, '_saev_quiet', False): return
-    make = w._make_command  # the sacct command line, or None
-    def quiet_command():
-        cmd = make()
-        return None if cmd is None else ['sh', '-c', 'exec "$@" 2>/dev/null', 'sh', *cmd]
-    w._make_command, w._saev_quiet = quiet_command, True
-
-def job_log(job) -> Path:
-    "The file a submitit job writes its output (stdout and stderr) to."
-    return Path(job.paths.stdout)
-
-def slurm_executor(log_to: Path,  # submitit folder: job scripts, pickles and logs
-                   acct: str,  # Slurm account ('' = run locally through submitit's local executor)
-                   partition: str = '',  # Slurm partition ('' = the cluster's default)
-                   n_hours: float = 24.0,  # time limit per job
-                   mem_gb: int = 8,  # memory per job
-                   n_cpus: int = 4,  # CPUs per job
-                   gpu: bool = False,  # ask for one GPU per job
-                   name: str = 'saev_nb',  # job name
-                  ):
-    "A submitit executor: Slurm when `acct` is set (sbatch must exist), else local."
-    import submitit
-    quiet_sacct()
-    if acct:
-        if shutil.which('sbatch') is None:
-            raise JobError(f'--slurm-acct {acct} given but Slurm is not available here (no sbatch on PATH); drop the '
-                           'flag to run locally')
-        ex = submitit.SlurmExecutor(folder=log_to)
-        ex.update_parameters(time=max(1, int(n_hours * 60)), account=acct, partition=partition or None,
-                             mem=f'{int(mem_gb)}GB',
-                             gpus_per_node=1 if gpu else 0, cpus_per_task=n_cpus, stderr_to_stdout=True, job_name=name)
-        return ex
-    ex = submitit.LocalExecutor(folder=log_to)
-    ex.update_parameters(timeout_min=max(1, int(n_hours * 60)))
-    return ex
-
-def submitted(jobs: list, what: str, log_to: Path, slurm: bool, wait: bool = False) -> str:
-    "The line that says what was submitted, where its logs go and how to wait for it."
-    ids = ', '.join(str(j.job_id) for j in jobs)
-    log = job_log(jobs[0]); logs = log.parent/log.name.replace(str(jobs[0].job_id), '%j', 1)
-    how = (f"watch them with `squeue -j {','.join(str(j.job_id) for j in jobs)}`; to block until jobs finish, pass "
-           "--wait "
-           "(this command returns now, as saev's does)") if slurm and not wait else 'waiting for them'
-    return (f"submitted {len(jobs)} {'Slurm' if slurm else 'local'} job{'s' if len(jobs) > 1 else ''} ({what}): {ids}; "
-            f"logs: {logs}; {how}")
-
-def wait_jobs(jobs: list,  # submitit jobs
-             ) -> list:  # their results, in order
-    "Wait for every job; the first failure becomes one `JobError` line: the job id, the error's last line, the log."
-    out, errs = [], []
-    for j in jobs:
-        try: out.append(j.result())
-        except UserError as e: errs.append((j, str(e)))
-        except Exception as e:  # submitit's FailedJobError holds the job's traceback between two dashed lines
-            parts = str(e).split('-' * 22)
-            lines = [l.strip() for l in (parts[1] if len(parts) >= 3 else str(e)).splitlines() if l.strip()]
-            msg = lines[-1] if lines else type(e).__name__
-            if (m := re.match(r'^[\w.]+(?:Error|Exception|Interrupt)\w*: (.+)$', msg)): msg = m.group(1)
-            errs.append((j, msg))
-    if errs:
-        j, msg = errs[0]
-        raise JobError(f'job {j.job_id} failed ({len(errs)} of {len(jobs)} failed): {msg[:400]}; log: {job_log(j)}')
-    return out
-
 # %% ../nbs/02_shards.ipynb #eb6dd77a
 def _job(cfg: ShardsConfig, dpath: str, job_i: int, n_jobs: int, parent_pid: int | None = None) -> int:
     "Entry point of one submitit job: it holds `.jobs.lock` (shared) while it writes; a local one ends with its parent."
-    if parent_pid is not None: _end_with_parent(parent_pid)
+    if parent_pid is not None: end_with_parent(parent_pid)
     if not cfg.slurm_acct: torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_jobs))  # local jobs share the cores
     fd = os.open(Path(dpath) / JOBS_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
     try:

@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .data import UserError, MissingFileError, progress_bar, device_problem
+from .core import UserError, MissingFileError, progress_bar, device_problem
 
 class SuppressError(UserError, ValueError):
     "Class-feature or suppression input that cannot work (layers, widths, empty tables); one line with the fix."
@@ -609,7 +609,8 @@ def make_planted_semseg(n_img: int = 200,  # images
 
 # %% ../nbs/09_suppress.ipynb #a672997e
 from .data import N_CLASSES
-from .shards import Metadata, open_labels, vit_for_shards, atomic_write
+from .shards import Metadata, open_labels, vit_for_shards
+from .core import atomic_write
 from .loaders import ExampleReader
 from .probe import ActsConfig, ImgsConfig, label_batches, load_probe
 from .train import Run, load_run_or_ckpt
@@ -635,7 +636,7 @@ def _open_sae_and_shards(cfg) -> tuple[Run, Metadata, int]:
     md = Metadata.load(cfg.acts.shard_root)
     return run, md, _sae_layer(md, cfg.acts, run)
 
-from .probe import _log, _same_settings  # stderr logging and the finished-step check, shared with the probe steps
+from .core import log, Step
 
 def _stamp(fpath: Path) -> list:
     "A file's resolved path and modification time, for the settings a finished step records."
@@ -786,26 +787,26 @@ def find_class_latents(cfg: FeaturesConfig,  # SAE, shards, images and selection
     def nxt(df):
         return tuple(next_commands(run_argument(cfg.sae_ckpt), cfg.acts.shard_root, layer, sorted(set(df.latent)),
                                    fpath))
-    if not cfg.force and fpath.is_file() and stats_fpath.is_file() and _same_settings(dpath/'settings.json', settings):
-        why = f"{dpath}: class latents already found with these settings; skipping (pass --force to recompute)"
-        _log(why)
+    step = Step(dpath, settings, (fpath, stats_fpath), what='class latents')
+    if not cfg.force and step.finished():
+        log(why := step.skipping())
         df = pd.read_csv(fpath)
         return ClassLatents(df, load_file(str(stats_fpath)), layer, fpath, nxt(df), why)
-    batches, n_batches, names = feature_batches(cfg, md, layer)
-    counts = f1_counts(batches, sae, N_CLASSES, cfg.thresholds, normalizer, cfg.device, progress, n_batches)
-    sc = counts.scores(cfg.max_freq)
-    df = top_latents(sc, names, cfg.k)
-    if not len(df):
-        why = no_latent_cause(counts, sc, cfg.max_freq, cfg.purity)
-        raise SuppressError(f"{cfg.acts.shard_root}: no class got a latent: {why}")
-    missing = [names[c] for c in range(1, N_CLASSES) if sc['n_c'][c] > 0 and c not in set(df['class'])]
-    if missing: _log(f"{len(missing)} classes with kept patches got no latent: {', '.join(missing[:10])}")
-    stats = {k: sc[k].float().cpu().contiguous() for k in ('freq', 'max', 'n_c')}
-    dpath.mkdir(parents=True, exist_ok=True)
-    save_file(stats, str(stats_fpath), metadata={'sae_ckpt': str(cfg.sae_ckpt), 'shards': str(cfg.acts.shard_root),
-                                                 'layer': str(layer)})
-    atomic_write(fpath, lambda p: df.to_csv(p, index=False))
-    atomic_write(dpath/'settings.json', lambda p: p.write_text(json.dumps(settings, indent=1)))
+    with step.running():
+        batches, n_batches, names = feature_batches(cfg, md, layer)
+        counts = f1_counts(batches, sae, N_CLASSES, cfg.thresholds, normalizer, cfg.device, progress, n_batches)
+        sc = counts.scores(cfg.max_freq)
+        df = top_latents(sc, names, cfg.k)
+        if not len(df):
+            why = no_latent_cause(counts, sc, cfg.max_freq, cfg.purity)
+            raise SuppressError(f"{cfg.acts.shard_root}: no class got a latent: {why}")
+        missing = [names[c] for c in range(1, N_CLASSES) if sc['n_c'][c] > 0 and c not in set(df['class'])]
+        if missing: log(f"{len(missing)} classes with kept patches got no latent: {', '.join(missing[:10])}")
+        stats = {k: sc[k].float().cpu().contiguous() for k in ('freq', 'max', 'n_c')}
+        dpath.mkdir(parents=True, exist_ok=True)
+        save_file(stats, str(stats_fpath), metadata={'sae_ckpt': str(cfg.sae_ckpt), 'shards': str(cfg.acts.shard_root),
+                                                     'layer': str(layer)})
+        atomic_write(fpath, lambda p: df.to_csv(p, index=False))
     return ClassLatents(df, stats, layer, fpath, nxt(df))
 
 def count_features(cfg: FeaturesConfig, progress: bool = True) -> tuple[F1Counts, list[str], int]:
@@ -968,28 +969,29 @@ def suppress_experiment(cfg: SuppressConfig,  # SAE, shards, probe, features and
                 'features': _stamp(feat_fpath),
                 **{k: getattr(cfg, k) for k in ('k', 'mode', 'scale', 'n_pool', 'n_boot', 'min_f1', 'seed')}}
     done = [dpath/f for f in ('summary.csv', 'per-class.csv', 'verdicts.csv', 'conditions.json')]
-    if not cfg.force and all(f.is_file() for f in done) and _same_settings(dpath/'settings.json', settings):
-        why = f"{dpath}: suppression already ran with these settings; skipping (pass --force to recompute)"
-        _log(why)
+    step = Step(dpath, settings, done, what='suppression tables')
+    if not cfg.force and step.finished():
+        log(why := step.skipping())
         cond = json.loads((dpath/'conditions.json').read_text())['classes']
         return SuppressionResult({int(c): {k: {'latents': v} for k, v in cs.items()} for c, cs in cond.items()},
                                  pd.read_csv(dpath/'per-class.csv'), pd.read_csv(dpath/'summary.csv'),
                                  pd.read_csv(dpath/'verdicts.csv'), dpath, why)
-    stats = load_file(str(feat_fpath.parent/'latent-stats.safetensors'))
-    vit = None
-    if probe_layer == layer: predict = probe_predictor(probe)
-    else:
-        vit = vit_for_shards(md, cfg.device)
-        predict = tail_predictor(vit, probe, layer, probe_layer)
-    batches, n_batches = suppression_batches(cfg.acts.shard_root, layer, probe_layer, cfg.batch_size, cfg.device, vit)
-    by_class = feats.drop_duplicates('class').set_index('class')['name']
-    names = list(by_class.reindex(range(N_CLASSES)).fillna('').astype(str))
-    res = suppression_tables(batches, sae, feats, stats['freq'], predict, md.n_examples, names, normalizer,
-                             stats['max'], cfg.mode, cfg.scale, cfg.n_pool, cfg.n_boot, cfg.seed, cfg.min_f1,
-                             cfg.device, progress, n_batches)
-    _write_tables(res, dpath, {'sae_ckpt': str(cfg.sae_ckpt), 'probe': str(probe_fpath), 'layer': layer,
-                               'probe_layer': probe_layer, 'mode': cfg.mode})
-    atomic_write(dpath/'settings.json', lambda p: p.write_text(json.dumps(settings, indent=1)))
+    with step.running():
+        stats = load_file(str(feat_fpath.parent/'latent-stats.safetensors'))
+        vit = None
+        if probe_layer == layer: predict = probe_predictor(probe)
+        else:
+            vit = vit_for_shards(md, cfg.device)
+            predict = tail_predictor(vit, probe, layer, probe_layer)
+        batches, n_batches = suppression_batches(cfg.acts.shard_root, layer, probe_layer, cfg.batch_size, cfg.device,
+                                                 vit)
+        by_class = feats.drop_duplicates('class').set_index('class')['name']
+        names = list(by_class.reindex(range(N_CLASSES)).fillna('').astype(str))
+        res = suppression_tables(batches, sae, feats, stats['freq'], predict, md.n_examples, names, normalizer,
+                                 stats['max'], cfg.mode, cfg.scale, cfg.n_pool, cfg.n_boot, cfg.seed, cfg.min_f1,
+                                 cfg.device, progress, n_batches)
+        _write_tables(res, dpath, {'sae_ckpt': str(cfg.sae_ckpt), 'probe': str(probe_fpath), 'layer': layer,
+                                   'probe_layer': probe_layer, 'mode': cfg.mode})
     return SuppressionResult(res.conditions, res.per_class, res.summary, res.verdicts, dpath)
 
 def suppress_cli(cfg: SuppressConfig):

@@ -27,8 +27,9 @@ from tqdm.auto import tqdm
 from .sae import (SAE, SAEConfig, Relu, TopK, BatchTopK, Vanilla, Matryoshka, Objective, ACTIVATIONS, OBJECTIVES,
                          sae_loss, sample_prefixes, save_sae, load_sae, sae_cfg_to_dict, sae_cfg_from_dict, act_name)
 from .loaders import ShuffledConfig, ShuffledLoader, Normalizer
-from .shards import atomic_write, disk_full_errors, slurm_executor, submitted, wait_jobs
-from .data import UserError, MissingFileError, progress_bar, to_json, hold_lock, device_problem
+from .core import atomic_write, disk_full_errors
+from .jobs import slurm_executor, submitted, wait_jobs
+from .core import UserError, MissingFileError, progress_bar, to_json, hold_lock, device_problem, stop_requests
 
 # %% ../nbs/05_train.ipynb #5d9c4874
 @dataclass(frozen=True)
@@ -142,7 +143,7 @@ def run_id(cfg: TrainConfig) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
 # %% ../nbs/05_train.ipynb #41cbd14b
-from .data import UserError
+from .core import UserError
 
 class SweepError(UserError, ValueError): pass
 
@@ -733,18 +734,6 @@ class NonFiniteError(UserError, ArithmeticError):
 class TrainingStopped(UserError):
     "SIGTERM or Ctrl-C stopped training after a checkpoint; the message says how to resume."
 
-@contextlib.contextmanager
-def _stop_requests():
-    "A list that SIGTERM and SIGINT append their names to while the block runs (signal handlers need the main thread)."
-    import threading
-    got: list[str] = []
-    if threading.current_thread() is not threading.main_thread(): yield got; return
-    old = {s: signal.signal(s, lambda n,
-                            f: got.append(signal.Signals(n).name)) for s in (signal.SIGTERM, signal.SIGINT)}
-    try: yield got
-    finally:
-        for s, h in old.items(): signal.signal(s, h)
-
 def _where_nonfinite(x_bd: Tensor, batch: dict, loader) -> str:
     "'shard s, example e, token t' of the first non-finite row of `x_bd`."
     row = int((~torch.isfinite(x_bd)).any(1).nonzero()[0, 0])
@@ -822,7 +811,7 @@ def fit_group(cfgs: list[TrainConfig], # configs sharing one data pass
                         desc=f'{len(trs)} SAEs')
     t0, n_seen = time.perf_counter(), 0
     try:
-        with _stop_requests() as stop:
+        with stop_requests() as stop:
             for b, batch in enumerate(loader.iter_batches(c0.n_train, start_batch=start), start=start):
                 x_bd = batch['acts'].to(c0.device, torch.float32, non_blocking=True)
                 ok_x = torch.isfinite(x_bd).all()

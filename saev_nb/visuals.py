@@ -17,7 +17,8 @@ import torch
 import torchvision.transforms as T
 from PIL import Image, ImageDraw, ImageFont
 
-from .data import ImgFolderConfig, SegFolderConfig, MissingFileError, is_seg, make_dataset, progress_bar
+from .data import ImgFolderConfig, SegFolderConfig, is_seg, make_dataset
+from .core import MissingFileError, progress_bar
 from .evaluate import EvalError, csr_topk, example_max, inference_dirs, load_inference
 from .shards import Metadata, vit_for_shards
 

@@ -108,7 +108,7 @@ def test_sigterm_checkpoints_and_resume_is_exact(sh, tmp_path):
     assert rows(metrics) == rows(ref_run/'metrics.jsonl')  # the loader's timing columns differ, nothing else
 
 def test_one_trainer_per_run_and_damaged_files(sh, tmp_path):
-    from saev_nb.data import hold_lock
+    from saev_nb.core import hold_lock
     r = cli(*_train_args(tmp_path/'runs', sh, '--ckpt-every', 8))
     run = Path(r.stdout.strip().splitlines()[-1])
     again = cli_in_process(*_train_args(tmp_path/'runs', sh, '--ckpt-every', 8))

@@ -6,7 +6,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from saev_nb.data import UserError
+from saev_nb.core import UserError
 from saev_nb.evaluate import TokenActs, csr_topk, example_max, pareto_mask, plot_latent_hists, plot_pareto
 from saev_nb.train import Metrics, merge_moments
 

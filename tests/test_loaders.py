@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from saev_nb.data import MissingFileError, UserError
+from saev_nb.core import MissingFileError, UserError
 from saev_nb.loaders import (ExampleReader, GatherTicket, IndexedDataset, LoaderError, Normalizer, OrderedConfig, OrderedLoader, RowGather, ShardSource,
                              ShuffledConfig, ShuffledLoader, background, batch_entropy, cached_probes)
 from saev_nb.shards import HASH_FNAME, Metadata, ShardError, load_shard_info, make_random_shards, open_shard, shard_name

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from saev_nb.data import MissingFileError, UserError
+from saev_nb.core import MissingFileError, UserError
 from saev_nb.shards import ShardError
 from saev_nb.probe import (BatchedAdamW, LinearProbes, ProbeError, ProbeSweepError, ProbeTrainConfig, ProbeValidateConfig,
                            ActsConfig, ImgsConfig, confusion, load_probe, load_probe_sweep, predict_pixels, save_probe,

@@ -9,7 +9,7 @@ import torch
 
 from saev_nb.data import SegFolderConfig, ImgFolderConfig, make_dataset, tiny_dataset
 from saev_nb.models import load_vit, pixel_to_patch_labels
-from saev_nb.data import UserError
+from saev_nb.core import UserError
 from saev_nb.shards import (HASH_FNAME, WRITER_LOCK, Metadata, ShardError, ShardsConfig, as_torch, decode_data, encode_data,
                             load_shard_info, make_random_shards, open_labels, open_shard, shard_name, validate_shards,
                             write_shards, vit_for_shards, writer_lock)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from saev_nb.probe import LinearProbes
 from saev_nb.sae import SAE, SAEConfig, Relu, TopK, save_sae
-from saev_nb.data import MissingFileError
+from saev_nb.core import MissingFileError
 from saev_nb.probe import ActsConfig, ImgsConfig
 from saev_nb.suppress import (CONDITIONS, F1Counts, FeaturesConfig, SuppressConfig, SuppressError, bootstrap_ratio,
                               change_counts, class_verdicts, condition_delta, f1_counts, find_class_latents, latent_delta,

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from helpers import cli, cli_fails, cli_in_process, cli_in_process_fails, tiny_shards
-from saev_nb.data import UserError
+from saev_nb.core import UserError
 from saev_nb.evaluate import Metrics, save_inference
 from saev_nb.visuals import (VisualsConfig, filter_report, highlight, html_refs, interesting, patch_maps, pick_latents, read_features, tile,
                              top_examples, visuals)
