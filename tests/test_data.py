@@ -58,3 +58,30 @@ def test_bad_inputs_name_the_file(tmp_path):
     with pytest.raises(DataError, match='no such folder'): ImgFolder(tmp_path/'none')
     (tmp_path/'imgs'/'a').mkdir(parents=True)
     with pytest.raises(DataError, match='empty data set'): ImgFolder(tmp_path/'imgs')
+
+
+def _seg_shards_cmd(root, tmp_path):
+    return ('shards', '--shards-root', tmp_path/'shards', '--n-workers', 0, 'data:img-seg-folder', '--data.root', root)
+
+@pytest.mark.parametrize('row', ['200,0.1,1,1,tree', 'seven,0.1,1,1,tree'])
+def test_class_table_row_out_of_range_or_not_a_number_is_one_line(tmp_path, row):
+    "objectInfo150.csv with Idx 200 or 'seven': one line naming the file and the row (not IndexError/ValueError)."
+    from helpers import cli_fails
+    root = make_scenes(tmp_path/'ade', n_train=2, n_val=0, progress=False)
+    (root/'objectInfo150.csv').write_text(f'Idx,Ratio,Train,Val,Name\n1,0.1,1,1,wall\n{row}\n')
+    cli_fails(*_seg_shards_cmd(root, tmp_path), env={'TQDM_DISABLE': '1'},
+              contains=f"{root/'objectInfo150.csv'}: line 3: Idx {row.split(',')[0]!r}")
+    assert not (tmp_path/'shards').exists() or not list((tmp_path/'shards').rglob('acts*.bin'))
+
+def test_16_bit_mask_reports_the_value_in_the_file(tmp_path):
+    "A 16-bit annotation holding 300 is reported as label 300 (not 255, which the 8-bit conversion clipped it to)."
+    from helpers import cli_fails
+    root = make_scenes(tmp_path/'ade', n_train=2, n_val=0, progress=False)
+    ann = sorted((root/'annotations'/'training').iterdir())[1]
+    size = Image.open(ann).size[::-1]
+    Image.fromarray(np.full(size, 300, np.uint16)).save(ann)
+    assert Image.open(ann).mode == 'I;16'
+    cli_fails(*_seg_shards_cmd(root, tmp_path), env={'TQDM_DISABLE': '1'},
+              contains=f'{ann}: label 300 outside 0 (other) .. 150 (I;16 mask); save the annotation as an 8-bit PNG')
+    Image.fromarray(np.full(size, 4, np.uint16)).save(ann)  # a 16-bit mask of valid labels reads as they are
+    assert np.unique(SegFolder(root)[1]['labels']).tolist() == [4]
