@@ -640,11 +640,11 @@ def data_files(ds) -> list[Path]:
     raise TypeError(f"{type(ds).__name__}: no file list (img_fpaths or samples) to record")
 
 def images_digest(ds) -> str:
-    "sha256 of the data set's sorted file list with each file's size and mtime (a `stat` per file, no reads)."
+    "sha256 of the data set's sorted file list with each file's size and the sha256 of its bytes."
     h = hashlib.sha256()
     for fpath in sorted(map(Path, data_files(ds))):
-        st = fpath.stat()
-        h.update(b'%s\0%d\0%d\n' % (os.fsencode(fpath), st.st_size, st.st_mtime_ns))
+        with open(fpath, 'rb') as f: content = hashlib.file_digest(f, 'sha256').digest()
+        h.update(b'%s\0%d\0' % (os.fsencode(fpath), fpath.stat().st_size) + content + b'\n')
     return h.hexdigest()
 
 def check_images(dpath: Path,  # the shard directory
@@ -656,7 +656,7 @@ def check_images(dpath: Path,  # the shard directory
     if not fpath.is_file(): write_text_atomic(fpath, digest + '\n'); return
     if fpath.read_bytes().split()[:1] != [digest.encode()]:
         raise ShardError(f"{fpath}: the images under {md.dataset} changed since these shards were recorded (file "
-                         f"list, sizes or times differ), so the shards hold the old images' activations; pass a new "
+                         f"list, sizes or contents differ), so the shards hold the old images' activations; pass a new "
                          f"--shards-root, or delete {dpath} to record again")
 
 def prepare_dir(shards_root: Path,  # the `--shards-root` folder

@@ -14,7 +14,8 @@ __all__ = ['NOT_IN_RUN_ID', 'SWEEP_MAX_BYTES', 'GROUP_KEYS', 'CHUNK_MEANS', 'ALM
            'load_run_config', 'load_normalizer', 'load_run_or_ckpt']
 
 # %% ../nbs/05_train.ipynb #3ffa9888
-import contextlib, dataclasses, errno, hashlib, itertools, json, math, os, shlex, signal, sys, time, tomllib
+import contextlib, dataclasses, errno, hashlib, itertools, json, math, os, pickle, shlex, signal, sys, time
+import tomllib
 import typing, warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -734,14 +735,21 @@ def save_checkpoint(tr: SAETrainer, fpath: Path):
     with disk_full_errors(fpath): atomic_write(fpath, lambda p: torch.save(state, p))
 
 def load_checkpoint(tr: SAETrainer, fpath: Path):
-    "Restore `tr` from `save_checkpoint`'s file."
-    try: ck = torch.load(fpath, map_location=tr.cfg.device, weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise RunFileError(f'{fpath}: damaged checkpoint ({str(e).splitlines()[0][:80]}); rerun with --restart to '
-                           'train '
-                           f'this run from scratch') from None
-    tr.sae.load_state_dict(ck['sae']); tr.opt.load_state_dict(ck['opt'])
-    tr.since_fired_s.copy_(ck['since_fired']); tr.step_i, tr.n_tokens = ck['step'], ck['n_tokens']
+    "Restore `tr` from `save_checkpoint`'s file; an unreadable, damaged, foreign or unsafe file is one line."
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols before it refuses a foreign pickle
+            warnings.simplefilter('ignore')
+            ck = torch.load(fpath, map_location=tr.cfg.device, weights_only=True)  # a pickle's code never runs
+        tr.sae.load_state_dict(ck['sae']); tr.opt.load_state_dict(ck['opt'])
+        tr.since_fired_s.copy_(ck['since_fired']); tr.step_i, tr.n_tokens = int(ck['step']), int(ck['n_tokens'])
+    except PermissionError as e:
+        raise RunFileError(f'{fpath}: cannot read ({e.strerror}); ask its owner, or pass --runs-root a folder of '
+                           'your own') from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError, IndexError, pickle.UnpicklingError) as e:
+        why = ('pickled objects other than tensors, refused unread' if isinstance(e, pickle.UnpicklingError)
+               else (str(e).strip().splitlines() or [type(e).__name__])[0][:80])
+        raise RunFileError(f'{fpath}: damaged or not a checkpoint of this run ({why}); rerun with --restart to train '
+                           'this run from scratch') from None
 
 def _trim_metrics(fpath: Path, step: int):
     "Keep the rows of `fpath` up to `step`; a partial last line (killed mid-write) is dropped."

@@ -74,3 +74,30 @@ def evict(fpaths):
         fd = os.open(fp, os.O_RDONLY)
         try: os.fsync(fd); os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally: os.close(fd)
+
+
+def fake_inference(tmp):
+    """Shard metadata of the tiny generated data set and an inference folder of random sparse activations (32 latents)
+    for one run, as `saev_nb inference` writes them: returns (run, shards, token_acts.npz)."""
+    import scipy.sparse as sp, torch
+    from saev_nb.data import tiny_dataset
+    from saev_nb.evaluate import Metrics, save_inference
+    from saev_nb.models import load_vit
+    from saev_nb.shards import Metadata
+    root = tiny_dataset()
+    vit = load_vit('clip', 'saev-tiny/random')
+    n_ex, p = 64, vit.n_patches
+    md = Metadata(family='clip', ckpt='saev-tiny/random', layers=(2,), content_tokens_per_example=p, cls_token=True,
+                  d_model=vit.d_model, n_examples=n_ex, max_tokens_per_shard=n_ex * (p + 1),
+                  data={'kind': 'SegFolderConfig', 'root': str(root), 'split': 'training'}, dataset=str(root))
+    shards = tmp / 'shards' / md.hash
+    shards.mkdir(parents=True); md.dump(shards)
+    run = tmp / 'runs' / 'r0'; run.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    f = torch.relu(torch.randn(n_ex * p, 32, generator=g) - 2.0)
+    m = Metrics(8, 32).update(torch.randn(n_ex * p, 8, generator=g), torch.zeros(n_ex * p, 8), f)
+    out = run / 'inference' / md.hash / 'layer2-content'
+    save_inference(out, m, sp.csr_matrix(f.numpy()),
+                   dict(run=str(run), shards=str(shards), layer=2, tokens='content', tokens_per_example=p,
+                        has_cls=False, key='layer2-content'))
+    return run, shards, out / 'token_acts.npz'

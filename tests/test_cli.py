@@ -116,7 +116,7 @@ def test_one_trainer_per_run_and_damaged_files(sh, tmp_path):
     (run/'eval.json').write_text('')
     cli_in_process_fails(*_train_args(tmp_path/'runs', sh, '--ckpt-every', 8), contains='eval.json: damaged (not JSON); rerun with --restart')
     (run/'eval.json').unlink(); (run/'checkpoint.pt').write_bytes(b'PK\x03\x04 truncated')
-    cli_in_process_fails(*_train_args(tmp_path/'runs', sh, '--ckpt-every', 8), contains='checkpoint.pt: damaged checkpoint')
+    cli_in_process_fails(*_train_args(tmp_path/'runs', sh, '--ckpt-every', 8), contains='checkpoint.pt: damaged or not a checkpoint of this run')
     with hold_lock(run, 'trainer of this run'):  # another process (the console script) finds the lock
         cli_fails(*_train_args(tmp_path/'runs', sh, '--ckpt-every', 8, '--restart'), contains=f'(pid {os.getpid()}')
     cli_in_process(*_train_args(tmp_path/'runs', sh, '--ckpt-every', 8, '--restart'))

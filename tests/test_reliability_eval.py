@@ -8,7 +8,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from helpers import SAEV_NB, cli, cli_fails, cli_in_process, one_line_failure
+from helpers import SAEV_NB, cli, cli_fails, cli_in_process, one_line_failure, fake_inference
 from saev_nb.sae import SAE, SAEConfig, save_sae
 from saev_nb.shards import Metadata, make_random_shards, shard_name
 
@@ -109,29 +109,7 @@ def test_inference_refuses_an_unwritable_run_before_work(tmp_path):
 # --------------------------------------------------------------------------------------------------------- visuals
 
 @pytest.fixture(scope='module')
-def gallery_eval(tmp_path_factory):
-    "Shard metadata of the tiny generated data set + an inference folder of random sparse activations (as test_visuals)."
-    from saev_nb.data import tiny_dataset
-    from saev_nb.evaluate import Metrics, save_inference
-    from saev_nb.models import load_vit
-    root = tiny_dataset()
-    vit = load_vit('clip', 'saev-tiny/random')
-    n_ex, p = 64, vit.n_patches
-    md = Metadata(family='clip', ckpt='saev-tiny/random', layers=(2,), content_tokens_per_example=p, cls_token=True,
-                  d_model=vit.d_model, n_examples=n_ex, max_tokens_per_shard=n_ex * (p + 1),
-                  data={'kind': 'SegFolderConfig', 'root': str(root), 'split': 'training'}, dataset=str(root))
-    tmp = tmp_path_factory.mktemp('rel_vis')
-    shards = tmp / 'shards' / md.hash
-    shards.mkdir(parents=True); md.dump(shards)
-    run = tmp / 'runs' / 'r0'; run.mkdir(parents=True)
-    g = torch.Generator().manual_seed(0)
-    f = torch.relu(torch.randn(n_ex * p, 32, generator=g) - 2.0)
-    m = Metrics(8, 32).update(torch.randn(n_ex * p, 8, generator=g), torch.zeros(n_ex * p, 8), f)
-    out = run / 'inference' / md.hash / 'layer2-content'
-    save_inference(out, m, sp.csr_matrix(f.numpy()),
-                   dict(run=str(run), shards=str(shards), layer=2, tokens='content', tokens_per_example=p,
-                        has_cls=False, key='layer2-content'))
-    return run, shards, out / 'token_acts.npz'
+def gallery_eval(tmp_path_factory): return fake_inference(tmp_path_factory.mktemp('rel_vis'))
 
 
 @pytest.fixture

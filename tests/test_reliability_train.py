@@ -196,3 +196,25 @@ def test_nonfinite_validation_shards_stop_naming_the_example(sh, tmp_path):
                      contains='non-finite activations in the validation data')
     assert 'shard 0, example 3, token 4' in line and 'shards validate --full' in line
     assert not list((tmp_path/'runs').rglob('eval.json'))
+
+# --- 11: the trainer's own checkpoint ----------------------------------------------------------------------------------
+
+class _Evil:
+    "A pickle that would run a command when loaded without `weights_only`."
+    def __init__(self, fpath): self.fpath = fpath
+    def __reduce__(self): return (os.system, (f'touch {self.fpath}',))
+
+@pytest.mark.parametrize('damage', ['empty', 'pickle', 'keys'])
+def test_damaged_trainer_checkpoint_is_one_line(sh, tmp_path, damage):
+    "An empty checkpoint.pt, one of other keys, or a malicious pickle: one line (the pickle's code never runs)."
+    import pickle
+    r = cli(*_train_args(tmp_path/'runs', sh, '--ckpt-every', 8))
+    run = Path(r.stdout.strip().splitlines()[-1]); ck = run/'checkpoint.pt'
+    assert ck.exists()
+    (run/'eval.json').unlink()  # unfinished again: the rerun resumes from the checkpoint
+    if damage == 'empty': ck.write_bytes(b'')
+    elif damage == 'pickle': ck.write_bytes(pickle.dumps(_Evil(tmp_path/'PWNED')))
+    else: torch.save({'weights': torch.zeros(3)}, ck)
+    line = cli_fails(*_train_args(tmp_path/'runs', sh, '--ckpt-every', 8),
+                     contains=f'{ck}: damaged or not a checkpoint of this run')
+    assert 'rerun with --restart' in line and not (tmp_path/'PWNED').exists()

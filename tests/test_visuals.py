@@ -9,7 +9,7 @@ import scipy.sparse as sp
 import torch
 from PIL import Image
 
-from helpers import cli, cli_fails, cli_in_process, cli_in_process_fails, tiny_shards
+from helpers import cli, cli_fails, cli_in_process, cli_in_process_fails, tiny_shards, fake_inference
 from saev_nb.core import UserError
 from saev_nb.evaluate import Metrics, save_inference
 from saev_nb.visuals import (VisualsConfig, filter_report, highlight, html_refs, interesting, patch_maps, pick_latents, read_features, tile,
@@ -63,27 +63,7 @@ def test_top_examples_and_patch_maps_brute_force():
 
 
 @pytest.fixture(scope='module')
-def fake_eval(tmp_path_factory):
-    "Shard metadata pointing at the tiny generated data set + an inference folder of random sparse activations."
-    from saev_nb.data import tiny_dataset
-    from saev_nb.shards import Metadata
-    from saev_nb.models import load_vit
-    root = tiny_dataset()
-    vit = load_vit('clip', 'saev-tiny/random')
-    n_ex, p = 64, vit.n_patches
-    md = Metadata(family='clip', ckpt='saev-tiny/random', layers=(2,), content_tokens_per_example=p, cls_token=True, d_model=vit.d_model,
-                  n_examples=n_ex, max_tokens_per_shard=n_ex * (p + 1), data={'kind': 'SegFolderConfig', 'root': str(root), 'split': 'training'},
-                  dataset=str(root))
-    tmp = tmp_path_factory.mktemp('vis')
-    shards = tmp / 'shards' / md.hash
-    shards.mkdir(parents=True); md.dump(shards)
-    run = tmp / 'runs' / 'r0'; run.mkdir(parents=True)
-    g = torch.Generator().manual_seed(0)
-    f = torch.relu(torch.randn(n_ex * p, 32, generator=g) - 2.0)
-    m = Metrics(8, 32).update(torch.randn(n_ex * p, 8, generator=g), torch.zeros(n_ex * p, 8), f)
-    save_inference(run / 'inference' / md.hash / 'layer2-content', m, sp.csr_matrix(f.numpy()),
-                   dict(run=str(run), tokens_per_example=p, has_cls=False, key='layer2-content'))
-    return run, shards
+def fake_eval(tmp_path_factory): return fake_inference(tmp_path_factory.mktemp('vis'))[:2]
 
 
 def test_gallery_references_existing_files(fake_eval, tmp_path):
