@@ -32,7 +32,7 @@ def run(fn, *args):
 def tiny_shards(dpath, seed=1):
     "Tiny generated scenes (48 train / 16 val, 4 classes) recorded at blocks 2 and 3 of the random-init tiny ViT."
     from saev_nb.data import SegFolderConfig, make_scenes
-    from saev_nb.shards import ShardsConfig, write_shards
+    from saev_nb.writer import ShardsConfig, write_shards
     root = make_scenes(dpath/'ADEChallengeData2016', 48, 16, seed=seed, size=96, n_classes=4, progress=False)
     sh = {s: write_shards(ShardsConfig(data=SegFolderConfig(root, s), shards_root=dpath/'shards', layers=(2, 3),
                                        batch_size=32, n_workers=0), progress=False)
@@ -81,7 +81,8 @@ def fake_inference(tmp):
     for one run, as `saev_nb inference` writes them: returns (run, shards, token_acts.npz)."""
     import scipy.sparse as sp, torch
     from saev_nb.data import tiny_dataset
-    from saev_nb.evaluate import Metrics, save_inference
+    from saev_nb.metrics import Metrics
+    from saev_nb.evaluate import save_inference
     from saev_nb.models import load_vit
     from saev_nb.shards import Metadata
     root = tiny_dataset()

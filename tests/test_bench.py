@@ -178,3 +178,28 @@ def test_bench_train_in_chunks():
     r = bench_train(BenchTrainConfig(d_model=16, exp_factor=2, batch_size=64, n_steps=1, n_saes=2, chunk_tokens=24,
                                      bmm=False, overhead=False))
     assert r['chunk_tokens'] == 24 and r['tokens_per_s'] > 0 and 0 < r['non_matmul_fraction'] < 1
+
+
+def test_cli_bench_gpu_check_steps(tmp_path):
+    "The GPU check's own steps as commands: `saev_nb bench determinism`, `cells` and `report`, one typed config each."
+    raw = tmp_path / 'raw'
+    cli('bench', 'determinism', '--d-model', '8', '--batch-size', '32', '--n-steps', '8', '--ckpt-every', '4',
+        '--interrupt-after', '6', '--json-fpath', raw / 'determinism.json')
+    det = json.loads((raw / 'determinism.json').read_text())
+    assert det['same_seed_max_abs_diff'] == 0.0 and det['resume_max_abs_diff'] == 0.0 and det['resumed_from_batch'] == 4
+    cli('bench', 'cells', '--root', ROOT, '--no-run', '--json-fpath', raw / 'cells.json')
+    cells = json.loads((raw / 'cells.json').read_text())
+    assert cells['mode'] == 'compile' and cells['n_failed'] == 0 and cells['notebooks']
+    for name in ('determinism', 'cells'): (raw / f'{name}.status.json').write_text(json.dumps({'rc': 0, 'seconds': 1.0}))
+    out = cli('bench', 'report', '--out', tmp_path, '--mode', 'cpu').stdout
+    assert '| `determinism_resume` | 0 | <= 1e-05 | pass |' in out and '| `gpu_cells` | 0 | == 0 | pass |' in out
+    rep = json.loads((tmp_path / 'report.json').read_text())
+    assert rep['mode'] == 'cpu' and not rep['all_ran']  # the loader, train, shards and paper checks did not run
+
+
+def test_bench_module_has_no_dispatcher_of_its_own():
+    "The GPU check's steps are `saev_nb bench ...` commands: `saev_nb.bench` has no `__main__` dispatcher beside `cli`."
+    import saev_nb.bench as bench
+    assert not hasattr(bench, 'bench_tools_main') and not hasattr(bench, 'BENCH_TOOLS')
+    for fn in (bench.bench_determinism_cli, bench.bench_cells_cli, bench.bench_report_cli):
+        assert list(__import__('typing').get_type_hints(fn)) == ['cfg']

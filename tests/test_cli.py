@@ -83,7 +83,7 @@ def test_nonfinite_shards_stop_training_naming_the_example(tmp_path):
     arr = np.memmap(sh/'acts000000.bin', dtype=np.float32, mode='r+', shape=md.shard_shape)
     arr[3, 1, 5, 7] = np.nan; arr.flush(); del arr
     line = cli_fails(*_train_args(tmp_path/'runs', sh, '--ckpt-every', 'off'), contains='non-finite activations')
-    assert 'example 3, token 4' in line and 'shard 0' in line  # token 5 of the stored row is content token 4 (CLS first)
+    assert 'acts000000.bin: nan at example 3, layer 1, patch 4' in line  # stored row 5 is patch 4 (CLS first)
     assert not list((tmp_path/'runs').rglob('eval.json')) and not list((tmp_path/'runs').rglob('sae.safetensors'))
 
 def test_sigterm_checkpoints_and_resume_is_exact(sh, tmp_path):
@@ -114,7 +114,7 @@ def test_one_trainer_per_run_and_damaged_files(sh, tmp_path):
     again = cli_in_process(*_train_args(tmp_path/'runs', sh, '--ckpt-every', 8))
     assert 'already trained (eval.json exists); skipping' in again.stderr
     (run/'eval.json').write_text('')
-    cli_in_process_fails(*_train_args(tmp_path/'runs', sh, '--ckpt-every', 8), contains='eval.json: damaged (not JSON); rerun with --restart')
+    cli_in_process_fails(*_train_args(tmp_path/'runs', sh, '--ckpt-every', 8), contains='eval.json: damaged (not JSON); rerun with --force')
     (run/'eval.json').unlink(); (run/'checkpoint.pt').write_bytes(b'PK\x03\x04 truncated')
     cli_in_process_fails(*_train_args(tmp_path/'runs', sh, '--ckpt-every', 8), contains='checkpoint.pt: damaged or not a checkpoint of this run')
     with hold_lock(run, 'trainer of this run'):  # another process (the console script) finds the lock
@@ -144,7 +144,8 @@ def test_guide_sweep_file_verbatim_trains_six_saes_in_one_pass(tmp_path):
 def test_shipped_sweep_files_expand():
     from dataclasses import replace
     from saev_nb.loaders import ShuffledConfig
-    from saev_nb.train import TrainConfig, expand_cfgs, split_groups
+    from saev_nb.runs import TrainConfig
+    from saev_nb.sweeps import expand_cfgs, split_groups
     base = TrainConfig(train_data=ShuffledConfig(), val_data=ShuffledConfig())
     pre = expand_cfgs(replace(base, sweep=ROOT/'sweeps/preprint-baseline.toml'))
     assert len(pre) == 18 and len(split_groups(pre)) == 1
@@ -156,7 +157,7 @@ def test_shipped_sweep_files_expand():
 
 def test_load_run_applies_the_normalizer(sh, tmp_path):
     from saev_nb.loaders import IndexedDataset
-    from saev_nb.train import load_run
+    from saev_nb.runs import load_run
     r = cli(*_train_args(tmp_path/'runs', sh, '--train-data.scale-mean', '--train-data.scale-norm',
                          '--val-data.scale-mean', '--val-data.scale-norm', '--ckpt-every', 'off', n_train=128 * 64))
     run = load_run(r.stdout.strip().splitlines()[-1])
@@ -190,3 +191,28 @@ def test_full_disk_while_training_is_one_line(sh, tmp_path):
     assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr[-2000:]
     assert lines[-1].startswith('saev_nb train: ') and 'checkpoint.pt: disk full' in lines[-1]
     assert not list((tmp_path/'runs').rglob('.tmp.*'))  # no half-written file left behind
+
+@pytest.mark.parametrize('sig,status,how', [(signal.SIGINT, 130, 'Ctrl-C'), (signal.SIGTERM, 143, 'SIGTERM')])
+def test_stop_while_starting_is_one_line(sig, status, how):
+    "Ctrl-C or SIGTERM (to the process group, as a shell or Slurm sends it) while torch is imported: one line."
+    for delay_s in (0.05, 0.3):  # the interpreter's start-up, then the imports of the command line
+        p = subprocess.Popen([str(SAEV_NB), 'make-data', '--help'], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)
+        time.sleep(delay_s); os.killpg(p.pid, sig)
+        out, err = p.communicate(timeout=60)
+        if p.returncode == 0: continue  # finished before the signal (a fast machine): nothing to check at this delay
+        assert p.returncode == status and err.count('\n') == 1 and 'Traceback' not in err, (p.returncode, err)
+        assert err.startswith('saev_nb') and f'interrupted ({how})' in err, err
+
+def test_seed_spellings_of_renamed_flags(tmp_path):
+    "saev's `--acts.shard-root` and the trainer's old `--restart` reach the one field name (`shards`, `force`)."
+    from saev_nb.cli import canonical_flags, load_command
+    _, cfg_cls = load_command('semseg features')
+    assert canonical_flags(cfg_cls, ['--acts.shard-root', 'S', '--acts.layer', '3']) == ['--acts.shards', 'S',
+                                                                                         '--acts.layer', '3']
+    _, cfg_cls = load_command('semseg train')
+    assert canonical_flags(cfg_cls, ['--train-acts.shard-root=T']) == ['--train-acts.shards=T']
+    _, cfg_cls = load_command('train')
+    assert canonical_flags(cfg_cls, ['--restart', '--train-data.shards', 'S']) == ['--force', '--train-data.shards', 'S']
+    r = cli('train', '--help')
+    assert '--force' in r.stdout and '--restart ' not in r.stdout  # one flag; the old spelling accepted, not listed

@@ -1,4 +1,4 @@
-"Tests of saev_nb.evaluate: streaming metrics, sparse token activations, top-k, Pareto front, plots."
+"Tests of saev_nb.evaluate (streaming metrics, sparse token activations, top-k, inference) and saev_nb.plots (Pareto front, sweep plots)."
 import json
 
 import numpy as np
@@ -7,8 +7,9 @@ import scipy.sparse as sp
 import torch
 
 from saev_nb.core import UserError
-from saev_nb.evaluate import TokenActs, csr_topk, example_max, pareto_mask, plot_latent_hists, plot_pareto
-from saev_nb.train import Metrics, merge_moments
+from saev_nb.evaluate import TokenActs, csr_topk, example_max, plot_latent_hists
+from saev_nb.plots import pareto_mask, plot_pareto
+from saev_nb.metrics import Metrics, merge_moments
 
 
 def _batches(n, size, *ts):
@@ -150,7 +151,9 @@ def _train(shards, layer, runs_root, d_model, sweep=None, **kw):
     "Train tiny TopK SAEs in-process with the real trainer (a sweep file gives several runs in one data pass)."
     from saev_nb.loaders import ShuffledConfig
     from saev_nb.sae import SAEConfig, TopK
-    from saev_nb.train import TrainConfig, Vanilla, train
+    from saev_nb.runs import TrainConfig
+    from saev_nb.sae import Vanilla
+    from saev_nb.train import train
     data = ShuffledConfig(shards=shards, layer=layer, batch_size=512)
     cfg = TrainConfig(train_data=data, val_data=data, sae=SAEConfig(d_model=d_model, d_sae=64, activation=TopK(top_k=4)), objective=Vanilla(),
                       n_train=kw.pop('n_train', 128 * 16 * 4), n_val=kw.pop('n_val', 128 * 16), lr=3e-3, n_lr_warmup=1, runs_root=runs_root, sweep=sweep, **kw)
@@ -193,7 +196,8 @@ def test_inference_cli_writes_skips_and_forces(trained):
     # rerun: says it skips and why, files untouched; --force recomputes
     mtime = (out / 'metrics.json').stat().st_mtime_ns
     r = cli_in_process('inference', '--run', run, '--data.shards', shards, '--data.layer', 1)
-    assert 'already evaluated' in r.stderr and 'skipping' in r.stderr and '--force' in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (f'{out}: already evaluated on {shards.name[:8]} (layer 1, content tokens, '
+                                                 'ignore_labels []); skipping (--force redoes it)')  # the one skip line
     assert Path(r.stdout.strip().splitlines()[-1]) == out and (out / 'metrics.json').stat().st_mtime_ns == mtime
     assert r.stdout.startswith(f'{run.name}: nmse=')  # a skipped evaluation still says its numbers
     cli_in_process('inference', '--run', run, '--data.shards', shards, '--force')
@@ -274,7 +278,7 @@ def test_inference_bad_input_one_line(trained, tmp_path):
     (tmp_path / 'empty_run').mkdir()
     cli_fails('inference', '--run', tmp_path / 'empty_run', '--data.shards', shards, contains='sae.safetensors: missing')
     narrow = make_random_shards(tmp_path / 'shards', n_examples=8, layers=(1,), d_model=16, content_tokens=16)
-    cli_in_process_fails('inference', '--run', run, '--data.shards', narrow, contains='d_model 16, but the SAE')
+    cli_in_process_fails('inference', '--run', run, '--data.shards', narrow, contains='d_model=16 but the SAE')
     # the same checks in-process (the CLI turns each UserError into the one line above)
     no_labels = make_random_shards(tmp_path / 's2', n_examples=8, layers=(1,), d_model=32, labels=False)
     cfg = lambda r, s, **kw: InferenceConfig(run=r, data=EvalDataConfig(shards=s, **kw.pop('data', {})), **kw)
@@ -317,7 +321,7 @@ def test_train_on_full_disk_says_disk_full(trained, small_disk):
 
 
 def test_plots_cli_names_runs_by_swept_values(trained, tmp_path):
-    from saev_nb.evaluate import PlotsConfig, collect_runs, eval_title, plot_pareto
+    from saev_nb.plots import PlotsConfig, collect_runs, eval_title, plot_pareto
     tmp, shards, runs = trained
     cli_in_process('inference', '--run', *runs, '--data.shards', shards)
     (tmp / 'runs' / 'unfinished').mkdir(exist_ok=True)
@@ -366,7 +370,7 @@ def test_slurm_flags_without_slurm_are_one_line(trained):
 def test_inference_on_a_saev_checkpoint_file_or_its_folder(trained, tmp_path):
     "`--run` takes a saev `sae.pt` (the file, or a folder holding only it): results beside it, the run's own numbers."
     from saev_nb.sae import save_saev_checkpoint
-    from saev_nb.train import load_run
+    from saev_nb.runs import load_run
     tmp, shards, (run, _) = trained
     pt = save_saev_checkpoint(load_run(run).sae, tmp_path / 'saev' / 'sae.pt')
     r = cli('inference', '--run', pt, '--data.shards', shards, '--data.layer', 1, '--data.batch-size', 512)
@@ -390,14 +394,15 @@ def test_plots_of_a_guide_like_sweep_are_readable(tmp_path):
     """Six runs of a guide-like sweep (two widths x three coefficients, `[data] scale_mean`) beside one run of another
     command (width from exp_factor): the legend is beside the axes, the axes keep most of the figure, and the labels
     name only what differs: no NaN, no `val_data` twin of a `train_data` key."""
-    from saev_nb.evaluate import collect_runs, layout_report, plot_pareto, plot_sweep_hists
+    from saev_nb.plots import collect_runs, layout_report, plot_pareto, plot_sweep_hists
     from saev_nb.shards import make_random_shards
     shards = make_random_shards(tmp_path / 'shards', n_examples=64, layers=(1,), d_model=32, content_tokens=16)
     (tmp_path / 'guide.toml').write_text('[sae]\nsparsity_coeff = [1e-4, 2e-4, 3e-4]\nd_sae = [64, 128]\n[data]\nscale_mean = true\n')
     runs = _train(shards, 1, tmp_path / 'runs', 32, sweep=tmp_path / 'guide.toml', n_train=64 * 16 * 2, n_val=512)
     assert len(runs) == 6
     from dataclasses import replace
-    from saev_nb.train import load_run_config, train
+    from saev_nb.runs import load_run_config
+    from saev_nb.train import train
     c = load_run_config(runs[0])  # another command: no sweep, raw activations, its width from exp_factor (d_sae unset)
     train(replace(c, sweep=None, sae=replace(c.sae, d_sae=None, exp_factor=2), objective=replace(c.objective, sparsity_coeff=4e-4),
                   train_data=replace(c.train_data, scale_mean=False), val_data=replace(c.val_data, scale_mean=False)), progress=False)
@@ -419,3 +424,31 @@ def test_plots_of_a_guide_like_sweep_are_readable(tmp_path):
     from PIL import Image
     w, h = Image.open(out / 'pareto.png').size
     assert 600 <= w <= 1800 and 400 <= h <= 800, (w, h)  # a figure sized for its axes and legend, not a 20 px strip
+
+
+# ---------------------------------------------------------------- issue 24: inference is a resumable `core.Step`
+def test_inference_settings_written_last_and_compared_key_by_key(trained):
+    """config.json holds the settings (compared key by key) and the description (not compared); without it, or with
+    another setting in it, the folder is not finished and is recomputed; the results are the same bytes."""
+    tmp, shards, (run, _) = trained
+    out = Path(cli_in_process('inference', '--run', run, '--data.shards', shards).stdout.strip().splitlines()[-1])
+    info = json.loads((out / 'config.json').read_text())
+    assert {'layer', 'tokens', 'ignore_labels', 'tokens_per_example', 'n_examples', 'run', 'shards', 'sae', 'd_sae'} <= set(info)
+    before = {f: (out / f).read_bytes() for f in ('metrics.json', 'token_acts.npz', 'freqs.npy')}
+    (out / 'config.json').write_text(json.dumps({**info, 'run': 'moved elsewhere'}))  # the description is not compared
+    assert 'skipping' in cli_in_process('inference', '--run', run, '--data.shards', shards).stderr
+    (out / 'config.json').unlink()  # as a run stopped before its last write leaves it
+    r = cli_in_process('inference', '--run', run, '--data.shards', shards)
+    assert 'skipping' not in r.stderr and json.loads((out / 'config.json').read_text()) == info
+    assert {f: (out / f).read_bytes() for f in before} == before
+    (out / 'config.json').write_text(json.dumps({**info, 'n_examples': 7}))  # other settings: not this evaluation
+    assert 'skipping' not in cli_in_process('inference', '--run', run, '--data.shards', shards).stderr
+    assert json.loads((out / 'config.json').read_text()) == info
+
+
+def test_plots_moved_to_their_own_module():
+    "The sweep plots live in saev_nb.plots, their one home (the command line names it); evaluate holds inference only."
+    import saev_nb.evaluate as evaluate, saev_nb.plots as plots
+    from saev_nb.cli import COMMANDS
+    assert not hasattr(evaluate, 'plots_cli') and not hasattr(evaluate, 'PlotsConfig')
+    assert COMMANDS['plots'][0] == 'saev_nb.plots:plots_cli' and callable(plots.plots_cli)

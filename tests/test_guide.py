@@ -23,12 +23,12 @@ def test_saev_guide_commands_verbatim(tmp_path):
 
 def test_guide_slurm_flags_parse():
     "The guide's shards command with its Slurm flags parses into the config the job would get (Slurm runs in test_slurm)."
-    from saev_nb.shards import ShardsConfig
+    from saev_nb.writer import ShardsConfig
     cfg = tyro.cli(ShardsConfig, args='--shards-root R --family clip --ckpt ViT-B-16/openai --d-model 768 --layers 6 7 8 9 10 11 '
                    '--content-tokens-per-example 196 --batch-size 256 --slurm-acct A --slurm-partition P '
                    'data:img-seg-folder --data.root ROOT --data.split training'.split(),
                    config=(tyro.conf.CascadeSubcommandArgs,))
-    assert (cfg.layers, cfg.slurm_acct, cfg.slurm_partition, cfg.data.split) == ((6, 7, 8, 9, 10, 11), 'A', 'P', 'training')
+    assert (cfg.layers, cfg.slurm.slurm_acct, cfg.slurm.slurm_partition, cfg.data.split) == ((6, 7, 8, 9, 10, 11), 'A', 'P', 'training')
 
 def _walkthrough() -> str:
     "The README's command-line walkthrough: the ```sh block under its heading."

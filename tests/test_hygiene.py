@@ -143,3 +143,68 @@ def test_each_export_has_a_demo():
     missing = [m for f in sorted((ROOT/'nbs').glob('*.ipynb')) for m in _undemoed(f)]
     assert not missing, (f'{len(missing)} export cells with no demo after them, e.g. {missing[:8]}; add a cell right '
                          'after each that runs the definition on tiny data and checks it with test_eq/test_close/test_fail')
+
+def _export_cell_sizes():
+    "(notebook, lines) of every export cell, the `#| export` line included."
+    import re
+    for f in sorted((ROOT/'nbs').glob('*.ipynb')):
+        for c in json.loads(f.read_text())['cells']:
+            s = ''.join(c['source']) if isinstance(c['source'], list) else c['source']
+            if c['cell_type'] == 'code' and re.match(_EXPORT, s): yield f.name, len(s.splitlines())
+
+def test_export_cells_are_small():
+    "Export cells hold one definition each, as in fastcore and claudette: at most 15 lines on average, none over 60."
+    sizes = list(_export_cell_sizes())
+    mean = sum(n for _, n in sizes) / len(sizes)
+    big = [f'{nb} ({n} lines)' for nb, n in sizes if n > 60]
+    assert mean <= 15 and not big, (f'export cells average {mean:.1f} lines (at most 15) and {len(big)} are over 60, '
+                                    f'e.g. {big[:5]}; split them: one definition per cell, methods with @patch')
+
+def test_functions_within_50_lines():
+    "No library function is longer than 50 lines: long ones are a loop whose parts want names."
+    import ast
+    long = [f'{f.name}:{n.name} ({n.end_lineno - n.lineno + 1} lines)' for f in _modules()
+            for n in ast.walk(ast.parse(f.read_text())) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and n.end_lineno - n.lineno + 1 > 50]
+    assert not long, f'functions over 50 lines: {long}; split them into named helpers'
+
+def test_no_module_imports_another_modules_private_name():
+    "A `_name` stays inside its module: what another module needs is public in its one home."
+    import ast
+    bad = [f'{f.name}: {n.module}.{a.name}' for f in _modules() for n in ast.walk(ast.parse(f.read_text()))
+           if isinstance(n, ast.ImportFrom) and (n.level or (n.module or '').startswith('saev_nb'))
+           for a in n.names if a.name.startswith('_')]
+    assert not bad, f'private names imported across modules: {bad}'
+
+def _library_dataclasses():
+    import dataclasses, importlib
+    for f in _modules():
+        if f.stem == '__main__': continue
+        mod = importlib.import_module(f'saev_nb.{f.stem}')
+        for obj in vars(mod).values():
+            if isinstance(obj, type) and dataclasses.is_dataclass(obj) and obj.__module__ == mod.__name__: yield obj
+
+def test_one_home_per_concept():
+    """A shard set to read, the Slurm settings, the SAE-against-shards check and the resumable step are each defined
+    once: configs that read activations subclass `ShardSet`, commands that submit jobs nest `SlurmConfig`, and every
+    step that writes a results folder goes through `core.Step`."""
+    import ast, dataclasses, re
+    from saev_nb.shards import ShardSet
+    from saev_nb.jobs import SlurmConfig
+    own = lambda c: set(c.__dict__.get('__annotations__', {}))
+    cfgs = list(_library_dataclasses())
+    shard_sets = [c for c in cfgs if {'shards', 'layer'} <= {f.name for f in dataclasses.fields(c)}]
+    assert len(shard_sets) >= 4 and all(issubclass(c, ShardSet) for c in shard_sets), shard_sets
+    assert [c.__name__ for c in cfgs if c is not ShardSet and own(c) & {'shards', 'layer', 'tokens'}
+            and issubclass(c, ShardSet)] == [], 'a ShardSet subclass declares the shard-set fields again'
+    slurm = [c.__name__ for c in cfgs if 'slurm_acct' in own(c)]
+    assert slurm == ['SlurmConfig'], f'Slurm fields declared outside SlurmConfig: {slurm}'
+    nesting = {c.__name__ for c in cfgs if any(f.name == 'slurm' for f in dataclasses.fields(c))}
+    assert {'ShardsConfig', 'TrainConfig', 'InferenceConfig'} <= nesting, nesting
+    defs = lambda name: [f.stem for f in _modules() for n in ast.walk(ast.parse(f.read_text()))
+                         if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == name]
+    for name in ('check_shards', 'Step', 'hold_lock', 'atomic_write', 'checked_file', 'slurm_executor', 'wait_jobs',
+                 'remove_stale_tmp', 'save_tensors', 'nonfinite_where'):
+        assert len(defs(name)) == 1, f'{name} defined in {defs(name)}'
+    steps = {f.stem for f in _modules() if re.search(r'\bStep\(', f.read_text())}
+    assert {'train', 'evaluate', 'visuals', 'probe', 'features', 'suppress'} <= steps, steps

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from saev_nb.core import MissingFileError, UserError
-from saev_nb.loaders import (ExampleReader, GatherTicket, IndexedDataset, LoaderError, Normalizer, OrderedConfig, OrderedLoader, RowGather, ShardSource,
-                             ShuffledConfig, ShuffledLoader, background, batch_entropy, cached_probes)
+from saev_nb.loaders import (ExampleReader, IndexedDataset, LoaderError, Normalizer, OrderedConfig, OrderedLoader, ShardSource,
+                             ShuffledConfig, ShuffledLoader, batch_entropy)
+from saev_nb.loader_threads import GatherTicket, RowGather, SlotRing, background
+from saev_nb.pagecache import cached_probes
 from saev_nb.shards import HASH_FNAME, Metadata, ShardError, load_shard_info, make_random_shards, open_shard, shard_name
 from helpers import evict
 
@@ -332,7 +334,7 @@ def _evict(src, sh, lo, hi):
     "Drop `src`'s files from the page cache until none of the pages `prefetch` probes is cached."
     for _ in range(20):  # pages leave once their writeback is done: a busy machine may need a few tries
         evict(src.fpaths)
-        if not cached_probes(src, sh, lo, hi).any(): return
+        if not cached_probes(src.shard_arrays(), sh, lo, hi).any(): return
         time.sleep(0.1)
     pytest.skip('the kernel kept the pages after DONTNEED')
 
@@ -371,7 +373,6 @@ def test_cuda_delivery_pinned_non_blocking(sd):
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 def test_slot_ring_never_overwrites_what_is_held(dtype):
     "A batch, a slice, a dtype view, a `.numpy()` alias or the storage of it keeps its slot; dropped, the slot is reused."
-    from saev_nb.loaders import SlotRing
     ring = SlotRing((6, 4), dtype, n=2)
     bits = lambda t: (t.view(torch.int16) if t.dtype == torch.bfloat16 else t.view(torch.int32)).numpy()
     def as_bytes(k):
@@ -462,7 +463,7 @@ def test_release_drops_consumed_windows_and_keeps_the_stream(tmp_path):
     _evict(src, sh, lo, hi)
     mid = [(int(a) + int(b)) // 2 // 4096 * 4096 for a, b in zip(lo, hi)]
     assert len(sh) == 2 and all(b - a == 4 << 20 for a, b in zip(lo, hi))
-    cached = lambda s, off: bool(cached_probes(src, np.array([s]), np.array([off]), np.array([off + 1])).all())
+    cached = lambda s, off: bool(cached_probes(src.shard_arrays(), np.array([s]), np.array([off]), np.array([off + 1])).all())
     assert src.prefetch(blks) == 2
     for s, a, b in zip(sh.tolist(), lo.tolist(), hi.tolist()):  # wait for those reads: none may land after the release
         os.preadv(src._fd(s), [bytearray(b - a)], a)
@@ -494,3 +495,18 @@ def test_example_reader_without_labels(tmp_path):
     d = make_random_shards(tmp_path, n_examples=8, layers=(0,), d_model=8, content_tokens=4, labels=False)
     b = next(iter(ExampleReader(d, 0, batch_size=3 * 4)))
     assert sorted(b) == ['acts', 'example_idx'] and b['acts'].shape == (3, 4, 8)
+
+
+def test_bare_shard_set_reads_last_layer_and_patches(sd):
+    "`ShuffledConfig`/`OrderedConfig` are `ShardSet`s: no layer reads the last recorded one, no token set the patches."
+    from saev_nb.shards import ShardSet
+    assert issubclass(ShuffledConfig, ShardSet) and issubclass(OrderedConfig, ShardSet)
+    assert ShuffledConfig().layer is None and OrderedConfig().tokens is None
+    bare = ShuffledLoader(ShuffledConfig(shards=sd, batch_size=37, buffer_batches=2, block_examples=3, block_tokens=4))
+    named = ShuffledLoader(ShuffledConfig(shards=sd, layer=9, tokens='content', batch_size=37, buffer_batches=2,
+                                          block_examples=3, block_tokens=4))
+    assert (bare.src.layer, bare.src.tokens) == (9, 'content')
+    for x, y in zip(bare, named, strict=True): assert all(torch.equal(x[k], y[k]) for k in x)
+    o_bare, o_named = OrderedLoader(OrderedConfig(shards=sd, batch_size=50)), OrderedLoader(OrderedConfig(shards=sd, layer=9, batch_size=50))
+    for x, y in zip(o_bare, o_named, strict=True): assert all(torch.equal(x[k], y[k]) for k in x)
+    assert ExampleReader(sd, None, None).src.layer == 9

@@ -11,8 +11,10 @@ import torch.nn.functional as F
 from saev_nb.core import MissingFileError, UserError
 from saev_nb.shards import ShardError
 from saev_nb.probe import (BatchedAdamW, LinearProbes, ProbeError, ProbeSweepError, ProbeTrainConfig, ProbeValidateConfig,
-                           ActsConfig, ImgsConfig, confusion, load_probe, load_probe_sweep, predict_pixels, save_probe,
+                           ActsConfig, confusion, load_probe, load_probe_sweep, predict_pixels, save_probe,
                            seg_scores, stack_probes, train_probe_sweep, train_probes, validate_saved_probes)
+
+from saev_nb.data import SegFolderConfig as ImgsConfig  # the one images config (`--imgs.root`, `--imgs.split`)
 
 from helpers import cli, cli_fails, run, tiny_shards
 
@@ -34,7 +36,8 @@ def test_sweep_grid_and_errors(tmp_path):
                       ('weight_decay = [-1.0]\n', 'non-negative'), ('learning_rate = "big"\n', 'non-negative')]:
         f.write_text(text)
         with pytest.raises(ProbeSweepError, match=msg.replace('[', r'\[')): load_probe_sweep(f)
-    with pytest.raises(MissingFileError, match='sweep file not found'): load_probe_sweep(tmp_path/'missing.toml')
+    with pytest.raises(MissingFileError, match='not found; pass an existing TOML file to --sweep'):
+        load_probe_sweep(tmp_path/'missing.toml')
 
 
 def test_batched_adamw_equals_torch_adamw():
@@ -100,7 +103,8 @@ def test_checkpoint_roundtrip_and_stack(tmp_path):
     save_file = __import__('safetensors.torch', fromlist=['save_file']).save_file
     save_file({'w': torch.zeros(2)}, str(tmp_path/'other.safetensors'))
     with pytest.raises(ProbeError, match='not a saev_nb probe checkpoint'): load_probe(tmp_path/'other.safetensors')
-    with pytest.raises(MissingFileError, match='no probe checkpoint'): load_probe(tmp_path/'none.safetensors')
+    with pytest.raises(MissingFileError, match='not found; train probes'): load_probe(tmp_path/'none.safetensors')
+    with pytest.raises(UserError, match='not a regular file'): load_probe('/dev/zero')
     with pytest.raises(ProbeError, match='no batches'): train_probes([], hp, 8, 4, progress=False)
 
 
@@ -171,6 +175,13 @@ def test_bad_input_is_one_line_from_the_console_script(tiny, tmp_path):
     (tmp_path/'bad.toml').write_text('lr = [1]\n')
     cli_fails('semseg', 'train', '--train-acts.shard-root', tiny['train'], '--val-acts.shard-root', tiny['val'],
               '--imgs.root', tiny['root'], '--sweep', tmp_path/'bad.toml', '--out', tmp_path, contains="unknown key 'lr'")
+
+
+def test_sweep_from_dev_zero_is_one_line(tmp_path):
+    "`--sweep /dev/zero` (or a fifo, a folder) is refused at once, not read without end (issue 23, item 9)."
+    line = cli_fails('semseg', 'train', '--sweep', '/dev/zero', '--out', tmp_path, contains='/dev/zero: not a regular file')
+    assert 'expected a probe sweep' in line and '--sweep' in line, line
+    cli_fails('semseg', 'train', '--sweep', tmp_path, '--out', tmp_path/'o', contains=f'{tmp_path}: a folder, expected')
 
 
 def test_shipped_probe_sweep_is_saevs_grid(tiny, tmp_path):

@@ -165,3 +165,14 @@ def test_visuals_refuses_an_unwritable_out_before_work(gallery_eval, tmp_path):
     r = _unprivileged(['visuals', '--run', run, '--shards', shards, '--out', tmp_path / 'ro' / 'g'], tmp_path)
     line = one_line_failure(r, contains=f"{tmp_path / 'ro'}: not writable by this user")
     assert 'pass --out with a folder you can write' in line and not (tmp_path / 'ro' / 'g').exists()
+
+
+def test_visuals_refuses_a_token_acts_that_is_not_a_file(gallery_eval, swapped_acts, tmp_path):
+    "Item 9 for token_acts.npz: a fifo (or /dev/zero) in its place is one line at once (core.checked_file), not a hang."
+    run, shards, _ = gallery_eval
+    swapped_acts.unlink(); os.mkfifo(swapped_acts)
+    try:
+        line = cli_fails('visuals', '--run', run, '--shards', shards, '--out', tmp_path / 'g',
+                         contains=f'{swapped_acts}: not a regular file, expected the sparse token activations')
+        assert line.endswith('--force`') and not (tmp_path / 'g').exists()
+    finally: swapped_acts.unlink()

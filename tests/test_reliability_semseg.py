@@ -34,7 +34,7 @@ def pipe(tmp_path_factory):
     save_sae(sae, run_dpath/'sae.safetensors')
     (run_dpath/'config.json').write_text(json.dumps({'train_data': {'shards': str(t['train']), 'layer': 2}}))
     out = t['dpath']/'semseg'
-    run(probe_train_cli, '--train-acts.shard-root', t['train'], '--train-acts.layer', 3, '--val-acts.shard-root', t['val'],
+    run(probe_train_cli, '--train-acts.shards', t['train'], '--train-acts.layer', 3, '--val-acts.shards', t['val'],
         '--imgs.root', t['root'], '--learning-rate', 1e-2, '--n-epochs', 3, '--batch-size', 512, '--out', out)
     return {**t, 'run': run_dpath, 'out': out}
 
@@ -115,23 +115,23 @@ def test_nonfinite_shards_stop_every_semseg_step_naming_the_example(pipe, tmp_pa
     fix = 'saev_nb shards validate --full'
     # semseg train: in the training batches (shuffled tokens) and in validation
     line = _fails(*_train_args({**pipe, 'train': bad_train}, tmp_path/'a', '--n-epochs', 1), contains=fix)
-    assert f'{bad_train}/acts000000.bin: NaN or infinity at layer 3, example 9, content token 2' in line, line
+    assert f'{bad_train}/acts000000.bin: inf at example 9, layer 3, patch 2' in line, line
     line = _fails(*_train_args({**pipe, 'val': bad_val}, tmp_path/'b', '--n-epochs', 1), contains=fix)
-    assert f'{bad_val}/acts000000.bin: NaN or infinity at layer 3, example 5, content token 4' in line, line
+    assert f'{bad_val}/acts000000.bin: nan at example 5, layer 3, patch 4' in line, line
     assert not (tmp_path/'b'/'logs'/'results.csv').exists() and not (tmp_path/'b'/'logs'/'train-settings.json').exists()
     # semseg validate
     _fails('semseg', 'validate', '--acts.shard-root', bad_val, '--imgs.root', pipe['root'], '--ckpts',
-              pipe['out']/'checkpoints', '--out', tmp_path/'c', contains='example 5, content token 4')
+              pipe['out']/'checkpoints', '--out', tmp_path/'c', contains='nan at example 5, layer 3, patch 4')
     # semseg features (the SAE's layer 2)
     line = _fails(*_features_args(pipe, tmp_path/'d', bad_val), contains=fix)
-    assert 'NaN or infinity at layer 2, example 5' in line and not (tmp_path/'d'/'features'/'features.csv').exists()
+    assert 'nan at example 5, layer 2, patch 4' in line and not (tmp_path/'d'/'features'/'features.csv').exists()
     # semseg suppress (SAE on layer 2, probe on layer 3), with features chosen on the clean training shards
     cli(*_features_args(pipe, tmp_path/'e', pipe['train']))
     line = _fails('semseg', 'suppress', '--sae-ckpt', pipe['run']/'sae.safetensors', '--acts.shard-root', bad_val,
                      '--probe', next((pipe['out']/'checkpoints').glob('*/probe.safetensors')),
                      '--features', tmp_path/'e'/'features'/'features.csv', '--n-boot', 50, '--out', tmp_path/'e',
                      contains=fix)
-    assert f'{bad_val}/acts000000.bin: NaN or infinity at layer 2, example 5' in line, line
+    assert f'{bad_val}/acts000000.bin: nan at example 5, layer 2' in line, line
     assert not (tmp_path/'e'/'suppress'/'summary.csv').exists()
 
 
@@ -200,3 +200,35 @@ def test_probe_and_latent_stats_follow_the_umask(pipe, tmp_path):
     files = [*out.glob('checkpoints/*/probe.safetensors'), out/'features'/'latent-stats.safetensors']
     assert len(files) == 2 and all(f.stat().st_mode & 0o777 == 0o644 for f in files), \
         [(f.name, oct(f.stat().st_mode)) for f in files]
+
+
+# ---- item 10: Ctrl-C or SIGTERM in the semseg steps and the gallery is one line ------------------------------------
+
+def _stopped(args, delays_s=(2.5, 4.0, 6.0), sig=signal.SIGINT):
+    "The command stopped by `sig` (to its process group) after each delay until one lands mid-run: (rc, stderr)."
+    for delay_s in delays_s:
+        p = subprocess.Popen([str(SAEV_NB), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True, env={**os.environ, **QUIET})
+        time.sleep(delay_s); os.killpg(p.pid, sig)
+        out, err = p.communicate(timeout=120)
+        if p.returncode != 0: return p.returncode, err
+    return 0, err  # finished before every signal: nothing interrupted
+
+def test_stopping_semseg_steps_is_one_line(pipe, tmp_path):
+    p = pipe
+    probe = next((p['out']/'checkpoints').glob('*/probe.safetensors'))
+    cli(*_features_args(p, tmp_path/'f0'), env=QUIET)
+    features = next((tmp_path/'f0').rglob('features.csv'))
+    cmds = {'train': _train_args(p, tmp_path/'t', '--n-epochs', 400),
+            'features': _features_args(p, tmp_path/'f'),
+            'suppress': ('semseg', 'suppress', '--sae-ckpt', p['run']/'sae.safetensors', '--acts.shard-root', p['val'],
+                         '--probe', probe, '--features', features, '--n-boot', 20000, '--batch-size', 64,
+                         '--out', tmp_path/'s')}
+    stopped = 0
+    for name, args in cmds.items():
+        rc, err = _stopped(args)
+        if rc == 0: continue
+        stopped += 1
+        assert rc == 130 and err.strip().count('\n') == 0 and 'Traceback' not in err, (name, rc, err[-2000:])
+        assert 'interrupted (Ctrl-C)' in err, (name, err)
+    assert stopped >= 2, 'the commands finished before every signal: nothing was interrupted'

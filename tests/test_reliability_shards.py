@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from saev_nb.shards import HASH_FNAME, IMAGES_FNAME, Metadata, make_random_shards
+from saev_nb.shards import HASH_FNAME, Metadata, make_random_shards
+from saev_nb.writer import IMAGES_FNAME
 from saev_nb.sae import SAE, SAEConfig, TopK, save_sae
 from helpers import cli, cli_fails as _cli_fails, cli_in_process_fails
 
@@ -77,7 +78,7 @@ def test_dev_zero_as_run_is_refused(tmp_path):
     d = _random(tmp_path)
     r = cli('inference', '--run', '/dev/zero', '--data.shards', d, check=False, timeout=60, env=NO_BARS)
     from helpers import one_line_failure
-    one_line_failure(r, '/dev/zero: not a regular file (a device, pipe or socket)')
+    one_line_failure(r, '/dev/zero: not a regular file')  # core.checked_file's words
 
 
 # --- 11: tracebacks that become one line -----------------------------------------------------------------------------

@@ -135,11 +135,11 @@ def test_interrupting_inference_is_one_line(trained, big_val, sig, status, how):
 
 def test_lock_message_does_not_advise_wait(sh, tmp_path):
     from saev_nb.core import hold_lock
-    from saev_nb.train import run_id, TrainConfig
+    from saev_nb.runs import run_id, TrainConfig
     r = cli(*_train_args(tmp_path/'runs', sh))
     run = Path(r.stdout.strip().splitlines()[-1])
     with hold_lock(run, 'trainer of this run'):
-        line = cli_fails(*_train_args(tmp_path/'runs', sh, '--restart'), contains=f'(pid {os.getpid()}')
+        line = cli_fails(*_train_args(tmp_path/'runs', sh, '--force'), contains=f'(pid {os.getpid()}')
     assert '--wait' not in line and 'another trainer of this run is running' in line
 
 def test_edited_metadata_is_damage_not_a_flag(tmp_path):
@@ -167,7 +167,7 @@ def test_sweep_files_that_are_not_small_toml_files(sh, tmp_path):
     (deep := tmp_path/'deep.toml').write_text('lr = ' + '[' * 50_000 + ']' * 50_000 + '\n')
     cli_in_process_fails(*_train_args(tmp_path/'runs', sh, '--sweep', deep), contains='nested too deeply')
     (huge := tmp_path/'huge.toml').write_text('# ' + 'x' * (2 << 20) + '\n')
-    cli_in_process_fails(*_train_args(tmp_path/'runs', sh, '--sweep', huge), contains='too big for a sweep file')
+    cli_in_process_fails(*_train_args(tmp_path/'runs', sh, '--sweep', huge), contains='more than a sweep file can be')
 
 # --- 11: work too big for memory, stdout on a full disk --------------------------------------------------------------
 
@@ -194,7 +194,7 @@ def test_nonfinite_validation_shards_stop_naming_the_example(sh, tmp_path):
     arr[3, 1, 5, 7] = np.inf; arr.flush(); del arr
     line = cli_fails(*_train_args(tmp_path/'runs', sh, val=val, n_val=10**7), env={'TQDM_DISABLE': '1'},
                      contains='non-finite activations in the validation data')
-    assert 'shard 0, example 3, token 4' in line and 'shards validate --full' in line
+    assert 'acts000000.bin: inf at example 3, layer 1, patch 4' in line and 'shards validate --full' in line
     assert not list((tmp_path/'runs').rglob('eval.json'))
 
 # --- 11: the trainer's own checkpoint ----------------------------------------------------------------------------------
@@ -217,4 +217,4 @@ def test_damaged_trainer_checkpoint_is_one_line(sh, tmp_path, damage):
     else: torch.save({'weights': torch.zeros(3)}, ck)
     line = cli_fails(*_train_args(tmp_path/'runs', sh, '--ckpt-every', 8),
                      contains=f'{ck}: damaged or not a checkpoint of this run')
-    assert 'rerun with --restart' in line and not (tmp_path/'PWNED').exists()
+    assert 'rerun with --force' in line and not (tmp_path/'PWNED').exists()

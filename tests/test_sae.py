@@ -57,9 +57,11 @@ def test_bad_checkpoints(tmp_path):
 
 def test_saev_batchtopk_checkpoint(tmp_path):
     ref = SAE(SAEConfig(d_model=8, d_sae=16, activation=BatchTopK(top_k=2)), seed=4)
-    state = {k: v for k, v in ref.state_dict().items() if k != 'threshold'}; state['activation.threshold'] = torch.tensor([0.25])
+    state = {k: v for k, v in ref.state_dict().items() if k != 'threshold'}
+    state['activation.threshold'] = torch.tensor([0.25])
     with open(tmp_path/'sae.pt', 'wb') as fd:
-        fd.write((json.dumps({'schema': 5, 'cfg': {'d_model': 8, 'd_sae': 16, 'activation': {'cls': 'BatchTopK', 'params': {'top_k': 2}}}}) + '\n').encode())
+        act = {'cls': 'BatchTopK', 'params': {'top_k': 2}}
+        fd.write((json.dumps({'schema': 5, 'cfg': {'d_model': 8, 'd_sae': 16, 'activation': act}}) + '\n').encode())
         torch.save(state, fd)
     sae = load_sae(tmp_path/'sae.pt')
     assert float(sae.threshold) == 0.25 and isinstance(sae.cfg.activation, BatchTopK)
@@ -155,3 +157,101 @@ def test_topk_difference_warns_on_export_and_load(tmp_path):
         load_sae(save_saev_checkpoint(SAE(SAEConfig(d_model=16, d_sae=64, activation=TopK(top_k=16))), tmp_path/'k.pt'))
         load_sae(save_saev_checkpoint(SAE(SAEConfig(d_model=16, d_sae=64, activation=BatchTopK(top_k=40))),
                                       tmp_path/'b.pt'))
+
+# --- variants mapped once: each class carries its behaviour; nothing dispatches on isinstance -----------------------
+
+def test_variant_class_attributes():
+    "The trainer's two questions are class attributes: `batch_threshold` (BatchTopK only) and `nested` (Matryoshka)."
+    assert {k: c.batch_threshold for k, c in ACTIVATIONS.items()} == {'relu': False, 'topk': False, 'batchtopk': True}
+    assert {k: c.nested for k, c in OBJECTIVES.items()} == {'vanilla': False, 'matryoshka': True}
+    assert all(c.kind == k for k, c in {**ACTIVATIONS, **OBJECTIVES}.items())
+    assert {c.saev_name: c for c in ACTIVATIONS.values()} == SAEV_ACTIVATIONS
+    assert BatchTopK(top_k=3).batch_threshold and Matryoshka(n_prefixes=2).nested  # on instances too
+
+def test_every_variant_answers_the_interface():
+    for c in ACTIVATIONS.values():
+        for m in ('codes', 'init_buffers', 'loss_codes', 'sparsity_term', 'aux_term', 'from_saev', 'saev_payload',
+                  'saev_buffers', 'saev_state'):
+            assert callable(getattr(c(), m)), (c, m)
+    for c in OBJECTIVES.values(): assert callable(c().uses_prefixes) and callable(c().mse_loss)
+
+def test_no_isinstance_dispatch_on_variants():
+    "sae.py asks the classes; `isinstance` remains only for checking what a file held."
+    import re, saev_nb.sae as mod
+    from pathlib import Path
+    src = Path(mod.__file__).read_text()
+    assert not re.findall(r'isinstance\([^)]*\b(Relu|TopK|BatchTopK|KSparse|Vanilla|Matryoshka)\b', src)
+    assert not re.findall(r'type\(\w+\) (is|==) (Relu|TopK|BatchTopK|Vanilla|Matryoshka)\b', src)
+
+def test_flags_and_saved_configs_unchanged():
+    "The subcommand names, fields and JSON form of every variant are those of the files already on disk."
+    import tyro
+    cfg = tyro.cli(SAEConfig, args=['--exp-factor', '4', 'activation:batchtopk', '--activation.top-k', '3',
+                                    '--activation.momentum', '0.2', '--activation.aux-k', '7',
+                                    '--activation.aux-alpha', '0'])
+    assert cfg == SAEConfig(exp_factor=4, activation=BatchTopK(top_k=3, momentum=0.2, aux_k=7, aux_alpha=0.0))
+    assert tyro.cli(Objective, args=['matryoshka', '--sparsity-coeff', '1e-3', '--n-prefixes', '3']) == \
+        Matryoshka(sparsity_coeff=1e-3, n_prefixes=3)
+    assert json.dumps(sae_cfg_to_dict(SAEConfig(d_model=8, activation=TopK(top_k=2)))) == (
+        '{"d_model": 8, "d_sae": null, "exp_factor": 16, "activation": {"kind": "topk", "top_k": 2, "aux_k": 512, '
+        '"aux_alpha": 0.03125}, "pre_subtract_b_dec": false, "normalize_w_dec": true, "remove_parallel_grads": true}')
+    assert sae_cfg_to_dict(SAEConfig(activation=BatchTopK()))['activation'] == {
+        'kind': 'batchtopk', 'top_k': 32, 'momentum': 0.1, 'aux_k': 512, 'aux_alpha': 0.03125}
+    assert sae_cfg_to_dict(SAEConfig())['activation'] == {'kind': 'relu'}
+
+def _reference_loss(sae, x_bd, objective, coeff, dead_s, prefixes, fused):
+    "`sae_loss` as written before the variants became classes (isinstance dispatch), the byte-identity reference."
+    act = sae.cfg.activation
+    matryoshka = type(objective).__name__ == 'Matryoshka' and prefixes is not None and len(prefixes) > 1
+    relu, x_hat = type(act).__name__ == 'Relu', None
+    if fused and relu:
+        h_bs = sae.pre_acts(x_bd)
+        if matryoshka: f_bs, l1 = relu_l1(h_bs)
+        else: f_bs, l1, x_hat = relu_l1(h_bs, sae.W_dec, sae.b_dec)
+    else: (h_bs, f_bs), l1 = sae.encode(x_bd), None
+    if matryoshka:
+        x_hats = sae.decode_prefixes(f_bs, prefixes); x_hat = x_hats[:, -1]
+        mse_loss = ((x_hats - x_bd[:, None]) ** 2).mean()
+    else:
+        if x_hat is None: x_hat = sae.decode(f_bs)
+        mse_loss = ((x_hat - x_bd) ** 2).mean()
+    if l1 is None: l1 = f_bs.sum(-1).mean()
+    sparsity = coeff * l1 if relu else l1.new_zeros(())
+    aux = l1.new_zeros(())
+    if not relu and act.aux_alpha > 0 and dead_s is not None and sae.training:
+        aux = act.aux_alpha * auxk_loss(sae, x_bd, h_bs, x_hat, dead_s, act.aux_k)
+    return mse_loss + sparsity + aux
+
+@pytest.mark.parametrize('act', [Relu(), TopK(top_k=4, aux_k=8), BatchTopK(top_k=4, aux_k=8)], ids=str)
+@pytest.mark.parametrize('objective', [Vanilla(), Matryoshka(n_prefixes=4)], ids=str)
+@pytest.mark.parametrize('fused', [True, False])
+def test_training_bit_identical_to_isinstance_dispatch(act, objective, fused):
+    "Ten Adam steps through `sae_loss` and through the pre-redesign loss give the same weights, bit for bit."
+    data = torch.randn(640, 16, generator=torch.Generator().manual_seed(0)) + 0.5
+    dead = torch.zeros(64, dtype=torch.bool); dead[::3] = True
+    weights = []
+    for loss_fn in (lambda *a: sae_loss(*a, fused=fused)[0], lambda *a: _reference_loss(*a, fused)):
+        sae = SAE(SAEConfig(d_model=16, d_sae=64, activation=act, pre_subtract_b_dec=True), seed=1)
+        sae.init_b_dec(data[:256]); sae.init_from_data(data[:256], seed=2)
+        opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
+        for b in range(10):
+            pre = sample_prefixes(64, 4, torch.Generator().manual_seed(b)) if objective.nested else None
+            opt.zero_grad(); loss_fn(sae, data[b * 64:(b + 1) * 64], objective, 1e-2, dead, pre).backward()
+            sae.remove_parallel_grads(); opt.step(); sae.normalize_w_dec()
+        weights.append({k: v.detach().clone() for k, v in sae.state_dict().items()})
+    assert weights[0].keys() == weights[1].keys()
+    for k in weights[0]: assert torch.equal(weights[0][k], weights[1][k]), k
+
+def test_checkpoint_file_uses_the_one_file_check(tmp_path):
+    "Missing, folder, device and oversized files: `core.checked_file`'s one line; empty: ours (retrain)."
+    from saev_nb.core import UserError, MissingFileError
+    with pytest.raises(MissingFileError, match='not found; no SAE checkpoint here'): checkpoint_file(tmp_path/'x.pt')
+    with pytest.raises(UserError, match='a folder, expected an SAE checkpoint'): checkpoint_file(tmp_path)
+    with pytest.raises(UserError, match='/dev/zero: not a regular file, expected an SAE checkpoint'):
+        load_sae('/dev/zero')
+    fpath = save_sae(SAE(SAEConfig(d_model=4, d_sae=8)), tmp_path/'sae.safetensors')
+    with pytest.raises(UserError, match=r'bytes, more than an SAE checkpoint can be \(100\)'):
+        checkpoint_file(fpath, 100)
+    (tmp_path/'e.pt').write_bytes(b'')
+    with pytest.raises(CheckpointError, match='empty file, not an SAE checkpoint'): checkpoint_file(tmp_path/'e.pt')
+    assert checkpoint_file(fpath) == fpath

@@ -10,10 +10,11 @@ import torch
 from saev_nb.data import SegFolderConfig, ImgFolderConfig, make_dataset, tiny_dataset
 from saev_nb.models import load_vit, pixel_to_patch_labels
 from saev_nb.core import UserError
-from saev_nb.shards import (HASH_FNAME, WRITER_LOCK, Metadata, ShardError, ShardsConfig, as_torch, decode_data, encode_data,
-                            load_shard_info, make_random_shards, open_labels, open_shard, shard_name, validate_shards,
-                            write_shards, vit_for_shards, writer_lock)
-import saev_nb.shards as shards_mod
+from saev_nb.jobs import SlurmConfig
+from saev_nb.shards import (HASH_FNAME, Metadata, ShardError, as_torch, decode_data, encode_data, load_shard_info,
+                            make_random_shards, open_labels, open_shard, shard_name, validate_shards, vit_for_shards)
+from saev_nb.writer import WRITER_LOCK, ShardsConfig, write_shards, writer_lock
+import saev_nb.writer as writer_mod
 from helpers import SAEV_NB, cli, cli_fails as _cli_fails, cli_in_process_fails as _cli_in_process_fails
 
 
@@ -217,7 +218,7 @@ def test_sigkill_then_rerun_same_command(seg_root, tmp_path):
 
 
 def test_n_jobs_2_local_submitit(seg_root, tmp_path):
-    cfg = _cfg(seg_root, tmp_path, n_jobs=2, log_to=tmp_path / 'logs', max_tokens_per_shard=65 * 2 * 16)
+    cfg = _cfg(seg_root, tmp_path, n_jobs=2, slurm=SlurmConfig(log_to=tmp_path / 'logs'), max_tokens_per_shard=65 * 2 * 16)
     d = write_shards(cfg, progress=False)
     assert [s['n_examples'] for s in load_shard_info(d)] == [16] * 4
     assert len(list((tmp_path / 'logs').glob('*_log.out'))) == 2  # two submitit jobs ran
@@ -331,7 +332,7 @@ def test_disk_full_file_size_limit(seg_root, tmp_path):
 
 def test_not_enough_free_space(seg_root, tmp_path, monkeypatch):
     import shutil, collections
-    monkeypatch.setattr(shards_mod.shutil, 'disk_usage', lambda p: collections.namedtuple('du', 'total used free')(10**6, 10**6 - 1000, 1000))
+    monkeypatch.setattr(writer_mod.shutil, 'disk_usage', lambda p: collections.namedtuple('du', 'total used free')(10**6, 10**6 - 1000, 1000))
     with pytest.raises(ShardError, match=r'needs 0.\d+ GB of disk but only 0.00 GB is free'): write_shards(_cfg(seg_root, tmp_path), progress=False)
     assert not list((tmp_path / 'shards').glob('*/acts*.bin'))
 
@@ -350,9 +351,10 @@ def test_siglip_without_cls_is_an_error_with_cls(seg_root, tmp_path):
 
 
 def test_slurm_requested_without_slurm(seg_root, tmp_path, monkeypatch):
-    monkeypatch.setattr(shards_mod.shutil, 'which', lambda name: None)
-    with pytest.raises(ShardError, match='--slurm-acct myacct given but Slurm is not available here'):
-        write_shards(_cfg(seg_root, tmp_path, slurm_acct='myacct', slurm_partition='gpu', n_jobs=2), progress=False)
+    monkeypatch.setattr(writer_mod.shutil, 'which', lambda name: None)
+    with pytest.raises(UserError, match='--slurm-acct myacct given but Slurm is not available here'):  # jobs' one line
+        write_shards(_cfg(seg_root, tmp_path, slurm=SlurmConfig(slurm_acct='myacct', slurm_partition='gpu'), n_jobs=2),
+                     progress=False)
 
 
 def test_bad_shard_budget_and_batch(seg_root, tmp_path):
@@ -489,3 +491,64 @@ def test_data_error_in_a_worker_is_one_line(seg_root, tmp_path):
     ann.write_bytes(b'not a png')
     cli_fails('shards', '--shards-root', tmp_path / 's', '--n-workers', 2, '--batch-size', 8, 'data:img-seg-folder',
               '--data.root', root, contains=f'{ann}: unreadable or corrupt annotation')
+
+
+# --- the readers' shared pieces: a shard set, the non-finite locator, the images of a shard set -----------------------
+
+def test_shard_set_opens_and_resolves_layer_and_tokens(tmp_path):
+    from saev_nb.shards import ShardSet
+    d = make_random_shards(tmp_path, layers=(2, 5))
+    ss = ShardSet(d)
+    md = ss.open()
+    assert ss.resolve(md) == (5, 'content')  # nothing set: the last recorded layer, the patches
+    assert ss.resolve(md, layer=2, tokens='all') == (2, 'all')  # the caller's fallbacks (e.g. an SAE's)
+    assert ShardSet(d, layer=2, tokens='cls').resolve(md, layer=5) == (2, 'cls')  # its own fields win
+    with pytest.raises(ShardError, match=r'layer 3 was not recorded \(layers: \[2, 5\]\); pass one of those as --data.layer'):
+        ShardSet(d, layer=3).resolve(md, flag='--data.layer')
+    with pytest.raises(ShardError, match='not a directory'): ShardSet(tmp_path / 'nowhere').open()
+
+
+def test_one_locator_names_shard_file_example_layer_and_token(tmp_path):
+    from saev_nb.shards import NonFiniteError, check_finite, nonfinite_where
+    d = make_random_shards(tmp_path, n_examples=64)  # 25 examples per shard
+    md = Metadata.load(d)
+    x = torch.zeros(3, 4); x[1, 2] = float('inf')
+    ex, tok = torch.tensor([3, 30, 40]), torch.tensor([0, -1, 5])
+    assert nonfinite_where(x, ex, tok, md, d, 1) == f'{d / shard_name(1)}: inf at example 30, layer 1, CLS'
+    assert nonfinite_where(torch.zeros(3, 4), ex, tok, md, d, 1) is None
+    x_etd = torch.zeros(2, 17, 4); x_etd[1, 3, 0] = float('nan')  # whole examples of the `all` set: CLS first
+    assert nonfinite_where(x_etd, torch.tensor([50, 51]), md=md, dpath=d, tokens='all').endswith('example 51, patch 2')
+    with pytest.raises(NonFiniteError, match=r'step 7: .*acts000002.bin: nan at example 51, patch 3; list every '
+                                             r'non-finite value with `saev_nb shards validate --full'):
+        check_finite(x_etd, torch.tensor([50, 51]), md=md, dpath=d, context='step 7: ')
+    class Mine(UserError): pass
+    with pytest.raises(Mine): check_finite(x, ex, tok, md, d, error=Mine)
+
+
+def test_recorded_images_of_a_shard_set(seg_root, tmp_path):
+    from saev_nb.shards import recorded_images
+    from saev_nb.core import MissingFileError
+    d = write_shards(_cfg(seg_root, tmp_path, layers=(1,), data=SegFolderConfig(seg_root, 'validation')), progress=False)
+    md = Metadata.load(d)
+    assert recorded_images(md) == SegFolderConfig(seg_root.resolve(), 'validation')
+    assert recorded_images(md, split='training').split == 'training'
+    with pytest.raises(MissingFileError, match='data set of the shards not found; pass --imgs.root DIR if it moved'):
+        recorded_images(md, root=tmp_path / 'moved', flag='--imgs.root')
+    with pytest.raises(ShardError, match="data kind 'random' is not an image data set"):
+        recorded_images(Metadata.load(make_random_shards(tmp_path)))
+
+
+def test_no_split_records_training(seg_root, tmp_path):
+    "`SegFolderConfig.split` is None by default; recording reads and records `training`, as before."
+    d = write_shards(_cfg(seg_root, tmp_path, layers=(1,)), progress=False)
+    ref = write_shards(_cfg(seg_root, tmp_path / 'ref', layers=(1,), data=SegFolderConfig(seg_root, 'training')),
+                       progress=False)
+    assert d.name == ref.name and Metadata.load(d).data_fields['split'] == 'training'
+
+
+def test_moved_writer_names_still_import_from_shards():
+    "Transitional: the writer's names resolve from `saev_nb.shards` until every caller imports `saev_nb.writer`."
+    import saev_nb.shards as shards_mod
+    from saev_nb.writer import ShardsConfig as Old, write_shards as old_write
+    assert (Old, old_write) == (ShardsConfig, write_shards)
+    with pytest.raises(AttributeError): shards_mod.no_such_name

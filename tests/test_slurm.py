@@ -38,7 +38,9 @@ def data(tmp_path_factory):
     "Tiny generated scenes recorded locally (blocks 2 and 3 of the tiny ViT), and two tiny SAEs trained on block 3."
     from saev_nb.loaders import ShuffledConfig
     from saev_nb.sae import SAEConfig, TopK
-    from saev_nb.train import TrainConfig, Vanilla, train
+    from saev_nb.runs import TrainConfig
+    from saev_nb.sae import Vanilla
+    from saev_nb.train import train
     tmp = tmp_path_factory.mktemp('slurm')
     d = tiny_shards(tmp)
     (tmp / 'two.toml').write_text('seed = [1, 2]\n')

@@ -11,12 +11,13 @@ import torch.nn.functional as F
 from saev_nb.probe import LinearProbes
 from saev_nb.sae import SAE, SAEConfig, Relu, TopK, save_sae
 from saev_nb.core import MissingFileError
-from saev_nb.probe import ActsConfig, ImgsConfig
-from saev_nb.suppress import (CONDITIONS, F1Counts, FeaturesConfig, SuppressConfig, SuppressError, bootstrap_ratio,
-                              change_counts, class_verdicts, condition_delta, f1_counts, find_class_latents, latent_delta,
-                              make_conditions, make_planted_semseg, matched_latents, patch_purity, probe_predictor,
-                              run_suppression, summarize, suppress, suppress_experiment, suppression_tables, tail_predictor,
-                              top_latents, verdict_sentence)
+from saev_nb.probe import ActsConfig
+from saev_nb.data import SegFolderConfig as ImgsConfig
+from saev_nb.features import F1Counts, FeaturesConfig, SuppressError, f1_counts, find_class_latents, patch_purity, top_latents
+from saev_nb.suppress import (CONDITIONS, SuppressConfig, bootstrap_ratio, change_counts, class_verdicts, condition_delta,
+                              latent_delta, make_conditions, matched_latents, probe_predictor, run_suppression, summarize,
+                              suppress, suppress_experiment, suppression_tables, tail_predictor, verdict_sentence)
+from saev_nb.planted import make_planted_semseg
 
 from helpers import SAEV_NB, cli, cli_fails, cli_in_process, run, tiny_shards
 
@@ -206,7 +207,7 @@ def pipeline(tmp_path_factory):
     (run_dpath/'config.json').write_text(json.dumps({'train_data': {'shards': str(sh['training']), 'layer': 2}}))
     out = d/'semseg'
     for layer, sub in ((3, 'p3'), (2, 'p2')):
-        run(probe_train_cli, '--train-acts.shard-root', sh['training'], '--train-acts.layer', layer, '--val-acts.shard-root',
+        run(probe_train_cli, '--train-acts.shards', sh['training'], '--train-acts.layer', layer, '--val-acts.shards',
             sh['validation'], '--imgs.root', root, '--learning-rate', 1e-2, '--n-epochs', 5, '--batch-size', 512, '--out', out/sub)
     return {'root': root, 'train': sh['training'], 'val': sh['validation'], 'run': run_dpath, 'out': out}
 
@@ -252,9 +253,9 @@ def test_features_names_the_real_cause(pipeline, tmp_path):
 
 
 def test_features_then_suppress(pipeline, capsys):
-    from saev_nb.suppress import features_cli
+    from saev_nb.features import features_cli
     p = pipeline
-    run(features_cli, '--sae-ckpt', p['run']/'sae.safetensors', '--acts.shard-root', p['train'], '--imgs.root', p['root'],
+    run(features_cli, '--sae-ckpt', p['run']/'sae.safetensors', '--acts.shards', p['train'], '--imgs.root', p['root'],
         '--max-freq', 0.6, '--purity', 0.8, '--out', p['out']/'p3')
     lines = capsys.readouterr().out.strip().splitlines()
     feats = pd.read_csv(lines[-1])
@@ -284,7 +285,6 @@ def test_features_then_suppress(pipeline, capsys):
     r2 = cli_in_process(*args)  # in-process: the same `main`, no start-up
     assert 'skipping' in r2.stderr and r2.stdout == r.stdout
     # the probe on the SAE's own layer reads the edit directly
-    from saev_nb.suppress import features_cli
     out2 = p['out']/'p2'
     find_class_latents(FeaturesConfig(sae_ckpt=p['run']/'sae.safetensors', acts=ActsConfig(p['train']), imgs=ImgsConfig(p['root']),
                                       max_freq=0.6, out=out2), progress=False)
@@ -299,13 +299,13 @@ def test_bad_input(pipeline, tmp_path):
                                                              'out': tmp_path, **kw}), progress=False)
     with pytest.raises(MissingFileError, match='logs/results.csv: missing'): sup()
     probe = next((p['out']/'p3'/'checkpoints').glob('*/probe.safetensors'))
-    with pytest.raises(MissingFileError, match='no feature table'): sup(probe=probe)
+    with pytest.raises(MissingFileError, match='not found; run `saev_nb semseg features` first'): sup(probe=probe)
     with pytest.raises(MissingFileError, match='no SAE checkpoint'): sup(sae_ckpt=tmp_path/'none.safetensors')
     feat = lambda **kw: find_class_latents(FeaturesConfig(**{'sae_ckpt': p['run']/'sae.safetensors', 'acts': ActsConfig(p['val']),
                                                              'imgs': ImgsConfig(p['root']), 'out': tmp_path, **kw}))
     with pytest.raises(SuppressError, match='SAE was trained on layer 2'): feat(acts=ActsConfig(p['val'], 3))
     save_sae(SAE(SAEConfig(d_model=16, d_sae=32, activation=Relu())), tmp_path/'small'/'sae.safetensors')
-    with pytest.raises(SuppressError, match='the SAE expects 16'): feat(sae_ckpt=tmp_path/'small'/'sae.safetensors')
+    with pytest.raises(SuppressError, match='expects 16'): feat(sae_ckpt=tmp_path/'small'/'sae.safetensors')
     cli_fails('semseg', 'suppress', '--sae-ckpt', p['run']/'sae.safetensors', '--acts.shard-root', p['val'], '--out', tmp_path,
               contains='logs/results.csv: missing')
 
@@ -404,7 +404,7 @@ def _help_text(*cmd) -> str:
 
 @pytest.mark.parametrize('cmd', [('semseg', 'suppress'), ('semseg', 'features')])
 def test_help_gives_one_default_for_the_layer(cmd):
-    "`--acts.layer` of the SAE steps defaults to the SAE's training layer; the help says so once, and nothing else."
+    "`--acts.layer` of the SAE steps defaults to the SAE's training layer (the one shard-set config); said once."
     text = _help_text(*cmd)
-    assert text.count('default: the block the SAE was trained on') == 1, text
+    assert text.count("None: the SAE's training layer where an SAE reads these shards") == 1, text
     assert 'the last recorded one' not in text and "default layer: the SAE's training layer" not in text

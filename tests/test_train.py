@@ -5,7 +5,11 @@ from pathlib import Path
 import pytest, torch
 from saev_nb.sae import SAEConfig, Relu, TopK, BatchTopK, Vanilla, Matryoshka
 from saev_nb.loaders import ShuffledConfig
-from saev_nb.train import *
+from saev_nb.jobs import SlurmConfig
+from saev_nb.runs import TrainConfig, load_run, load_run_config, run_id
+from saev_nb.sweeps import expand_cfgs, fit_batch_sizes, split_groups
+from saev_nb.train import (ArrayLoader, SAETrainer, atom_recovery, evaluate_saes, fit_group, sparse_dictionary_data,
+                           train)
 from helpers import cli_fails, cli_in_process, cli_in_process_fails
 
 def _base(tmp_path, **kw):
@@ -109,7 +113,7 @@ def test_submitit_local_executor(tmp_path):
     sh = _shards(tmp_path)
     d = ShuffledConfig(shards=sh, layer=0, batch_size=128)
     cfg = TrainConfig(train_data=d, val_data=replace(d, batch_size=512), sae=SAEConfig(d_model=32, exp_factor=2), n_train=2000, n_val=512,
-                      runs_root=tmp_path/'runs', executor='local', log_to=tmp_path/'logs')
+                      runs_root=tmp_path/'runs', executor='local', slurm=SlurmConfig(log_to=tmp_path/'logs'))
     (run,) = train(cfg, progress=False)
     assert (run/'eval.json').exists()
 
@@ -268,3 +272,48 @@ def test_run_codes_of_an_image_match_the_shards(tmp_path):
     # a run trained before train_metadata.json existed falls back to its training shards' metadata
     (run_dpath/'train_metadata.json').unlink()
     torch.testing.assert_close(load_run(run_dpath).codes_of(imgs[:1]), codes[:1], atol=1e-4, rtol=1e-4)
+
+def test_unset_layer_skip_line_force_and_restart(tmp_path):
+    "No --train-data.layer: the last recorded one, the same run id as naming it; a rerun skips with Step's line; "
+    "--force (and its alias --restart) trains again."
+    sh = _shards(tmp_path)
+    base = ['train', '--runs-root', tmp_path/'runs', '--train-data.shards', sh, '--train-data.batch-size', 128,
+            '--val-data.shards', sh, '--val-data.batch-size', 256, '--sae.d-model', 32, '--sae.exp-factor', 2,
+            '--n-train', 1024, '--n-val', 256, '--n-lr-warmup', 2]
+    run = Path(cli_in_process(*base).stdout.strip().splitlines()[-1])
+    assert json.loads((run/'config.json').read_text())['train_data']['layer'] == 1  # the last recorded layer
+    assert json.loads((run/'config.json').read_text())['val_data']['layer'] == 1  # validation: the training layer
+    named = cli_in_process(*base, '--train-data.layer', 1, '--val-data.layer', 1)
+    assert named.stdout.strip().splitlines()[-1] == str(run)  # the same run: skipped
+    assert f'{run}: already trained (eval.json exists); skipping (--force redoes it)' in named.stderr.splitlines()
+    for flag in ('--force', '--restart'):
+        mtime = (run/'sae.safetensors').stat().st_mtime_ns
+        r = cli_in_process(*base, flag)
+        assert 'skipping' not in r.stderr and (run/'sae.safetensors').stat().st_mtime_ns != mtime, flag
+        assert r.stdout.strip().splitlines()[-1] == str(run)
+    assert json.loads((run/'config.json').read_text())['force'] is True
+
+def test_old_config_json_and_check_shards(tmp_path):
+    "A config.json written before `force` and `slurm` (with `restart`, flat Slurm fields) loads with the same run id; "
+    "`Run.check_shards` is the one check of an SAE against shards."
+    from saev_nb.runs import Run, cfg_to_dict, ShardsMismatchError
+    from saev_nb.sae import SAE
+    from saev_nb.shards import Metadata
+    sh = _shards(tmp_path)
+    cfg = _base(tmp_path, sae=SAEConfig(d_model=32, exp_factor=2))
+    cfg = replace(cfg, train_data=replace(cfg.train_data, shards=sh, layer=1, tokens='content'))
+    old = {k: v for k, v in cfg_to_dict(cfg).items() if k not in ('force', 'slurm')}
+    (tmp_path/'old').mkdir(); (tmp_path/'old'/'config.json').write_text(json.dumps(
+        {**old, 'restart': False, 'slurm_acct': 'lab', 'slurm_partition': '', 'n_hours': 24.0, 'mem_gb': None,
+         'log_to': 'logs', 'wait': False}))
+    back = load_run_config(tmp_path/'old')
+    assert back.slurm.slurm_acct == 'lab' and back.force is False and run_id(back) == run_id(cfg)
+    run, md = Run(tmp_path/'old', SAE(cfg.sae), back, None), Metadata.load(sh)
+    assert run.check_shards(md) == (1, 'content') and run.check_shards(md, -1) == (1, 'content')
+    with pytest.raises(ShardsMismatchError, match='trained on layer 1, but --acts.layer is 0; pass --acts.layer 1'):
+        run.check_shards(md, 0, flag='--acts')
+    with pytest.raises(ShardsMismatchError, match='pass --data.tokens content, or --other-tokens'):
+        run.check_shards(md, tokens='all', other_tokens=False)
+    assert run.check_shards(md, tokens='all', other_tokens=True) == (1, 'all')
+    small = Run(tmp_path/'old', SAE(SAEConfig(d_model=16, exp_factor=2)), back, None)
+    with pytest.raises(ShardsMismatchError, match='d_model=32 but the SAE in .* expects 16'): small.check_shards(md)

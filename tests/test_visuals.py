@@ -11,7 +11,8 @@ from PIL import Image
 
 from helpers import cli, cli_fails, cli_in_process, cli_in_process_fails, tiny_shards, fake_inference
 from saev_nb.core import UserError
-from saev_nb.evaluate import Metrics, save_inference
+from saev_nb.evaluate import save_inference
+from saev_nb.metrics import Metrics
 from saev_nb.visuals import (VisualsConfig, filter_report, highlight, html_refs, interesting, patch_maps, pick_latents, read_features, tile,
                              top_examples, visuals)
 
@@ -111,7 +112,9 @@ def real_gallery(tmp_path_factory):
     "Tiny ViT shards, a TopK SAE trained on block 3, its inference, `semseg features` through the CLI, and the gallery with its classes."
     from saev_nb.loaders import ShuffledConfig
     from saev_nb.sae import SAEConfig, TopK
-    from saev_nb.train import TrainConfig, Vanilla, train
+    from saev_nb.runs import TrainConfig
+    from saev_nb.sae import Vanilla
+    from saev_nb.train import train
     tmp = tmp_path_factory.mktemp('gal')
     d = tiny_shards(tmp)
     data = ShuffledConfig(shards=d['train'], layer=3, batch_size=1024)
@@ -234,3 +237,24 @@ def test_visuals_takes_a_saev_checkpoint_file(fake_eval, tmp_path):
     assert 'SAE latents of saev run' in index.read_text()
     cli_fails('visuals', '--run', tmp_path/'other'/'sae.pt', '--shards', shards,
               contains=f"run `saev_nb inference --run {tmp_path/'other'/'sae.pt'} --data.shards {shards}` first")
+
+
+def test_same_gallery_again_is_skipped_and_force_redraws(fake_eval, tmp_path):
+    """A gallery is a resumable step: the same settings from the same files skip with the one line; --force, other
+    settings or a recomputed token matrix draw it again; settings.json is written last."""
+    run, shards = fake_eval
+    args = ('visuals', '--run', run, '--shards', shards, '--latents', 0, '--n-latents', 0, '--top-k', 2, '--out', tmp_path / 'g')
+    index = Path(cli_in_process(*args).stdout.strip())
+    settings = json.loads((tmp_path / 'g' / 'settings.json').read_text())
+    assert settings['latents'] == [0] and settings['top_k'] == 2 and settings['token_acts_file'][0] > 0
+    mtime = index.stat().st_mtime_ns
+    r = cli_in_process(*args)
+    assert r.stderr.strip() == f"{tmp_path / 'g'}: gallery already made with the same settings (settings.json); skipping (--force redoes it)"
+    assert Path(r.stdout.strip()) == index and index.stat().st_mtime_ns == mtime
+    r = cli_in_process(*args, '--force')
+    assert 'skipping' not in r.stderr and index.stat().st_mtime_ns != mtime
+    (tmp_path / 'g' / 'grids' / 'latent_00000.png').unlink()  # a grid lost: drawn again
+    assert 'skipping' not in cli_in_process(*args).stderr and (tmp_path / 'g' / 'grids' / 'latent_00000.png').exists()
+    acts = run / 'inference' / shards.name / 'layer2-content' / 'token_acts.npz'
+    acts.touch()  # as a recomputed evaluation leaves it
+    assert 'skipping' not in cli_in_process(*args).stderr

@@ -32,7 +32,7 @@ if [ "$mode" = gpu ]; then
        --no-overhead --no-profile --e2e-gb 1 --e2e-tokens 20000000 --e2e-threads "$threads")
   SHARDS=(--ckpt ViT-B-16/random --batch-size 256 --n-images 1024 --n-workers "$threads" --n-repeats 2)
   DET=(); CELLS=(--run); PAPER=()
-  T_LOADER=75 T_TRAIN=90 T_E2E=60 T_SHARDS=75 T_CELLS=45 T_PAPER=105 T_DET=30   # 480 s in all
+  T_SELFTEST=60 T_LOADER=75 T_TRAIN=90 T_E2E=60 T_SHARDS=75 T_CELLS=45 T_PAPER=75 T_DET=30  # 510 s in all
 else
   dev=cpu
   LOADER=(--size-gb 0.02 --shard-gb 0.008 --d-model 64 --content-tokens 64 --batch-size 2048 --block-tokens 8 --n-repeats 1)
@@ -65,16 +65,19 @@ json.dump({'missing_packages': [m for m in mods if importlib.util.find_spec(m) i
 PYEOF
 
 SAEV=("$PY" -m saev_nb.cli)
+if [ "$mode" = gpu ]; then  # first: does this installation compute what it should here? (the suite runs it on the CPU)
+  check selftest "$T_SELFTEST" "${SAEV[@]}" selftest --device cuda --out "$OUT/selftest"
+fi
 check loader "$T_LOADER" "${SAEV[@]}" bench loader --device $dev "${LOADER[@]}" --json-fpath "$OUT/raw/loader.json"
 check train "$T_TRAIN" "${SAEV[@]}" bench train --device $dev "${TRAIN[@]}" --json-fpath "$OUT/raw/train.json"
 check e2e "$T_E2E" "${SAEV[@]}" bench train --device $dev "${E2E[@]}" --json-fpath "$OUT/raw/e2e.json"
 check shards "$T_SHARDS" "${SAEV[@]}" bench shards --device $dev "${SHARDS[@]}" --json-fpath "$OUT/raw/shards.json"
-check cells "$T_CELLS" "$PY" -m saev_nb.bench cells --root "$ROOT" "${CELLS[@]}" --json-fpath "$OUT/raw/cells.json"
+check cells "$T_CELLS" "${SAEV[@]}" bench cells --root "$ROOT" "${CELLS[@]}" --json-fpath "$OUT/raw/cells.json"
 mkdir -p "$OUT/paper"
 check paper "$T_PAPER" "$PY" -m papermill "$ROOT/papers/semseg.ipynb" "$OUT/paper/semseg.ipynb" --cwd "$ROOT/papers" \
   -k python3 -p device $dev -p out_dir "$OUT/paper/out" ${PAPER[@]+"${PAPER[@]}"}
-check determinism "$T_DET" "$PY" -m saev_nb.bench determinism --device $dev ${DET[@]+"${DET[@]}"} \
+check determinism "$T_DET" "${SAEV[@]}" bench determinism --device $dev ${DET[@]+"${DET[@]}"} \
   --json-fpath "$OUT/raw/determinism.json"
 
-"$PY" -m saev_nb.bench report --out "$OUT" --mode $mode || exit 1
+"${SAEV[@]}" bench report --out "$OUT" --mode $mode || exit 1
 "$PY" -c 'import json, sys; sys.exit(0 if json.load(open(sys.argv[1]))["all_ran"] else 1)' "$OUT/report.json"

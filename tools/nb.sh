@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Authoring helper: .authoring/NAME.py (jupytext percent) -> nbs/NAME.ipynb (or papers/NAME.ipynb with --papers),
-# executed in-process with outputs saved, cleaned, and exported. Usage: bash tools/nb.sh 03_loaders [--papers] [--no-run]
+# executed in-process with outputs saved, cleaned, and exported. Usage: bash tools/nb.sh 03b_loaders [--papers] [--no-run]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 name="$1"; shift

@@ -1,7 +1,7 @@
 """Execute a notebook in-process (as nbdev's test runner does) and save its outputs.
 
 Cells flagged with a `tst_flags` directive (`#| slow`, `#| gpu`, `#| notest`) and `#| eval: false` cells are
-skipped unless named in `--flags`. Usage: `python tools/run_nb.py nbs/03_loaders.ipynb [--flags "slow gpu"]`.
+skipped unless named in `--flags`. Usage: `python tools/run_nb.py nbs/03b_loaders.ipynb [--flags "slow gpu"]`.
 """
 import argparse, os, re, sys, time
 from pathlib import Path
