@@ -674,7 +674,8 @@ def vit_for_shards(md: Metadata,  # metadata of the shards
     vit = load_vit(md.family, ckpt, device=device)
     if vit.n_patches == md.content_tokens_per_example: return vit
     side = math.isqrt(md.content_tokens_per_example)
-    if md.family != 'dinov2' or side * side != md.content_tokens_per_example:
+    resizable = md.family in ('dinov2', 'dinov3', 'pe-core', 'pe-spatial')  # timm models take --img-size
+    if not resizable or side * side != md.content_tokens_per_example:
         raise ShardError(f"{md.ckpt}: the model has {vit.n_patches} patches but the shards "
                          f"{md.content_tokens_per_example}; they were written by another model")
     return load_vit(md.family, ckpt, device=device, img_size=side * vit.patch_size[0])
