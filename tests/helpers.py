@@ -102,3 +102,21 @@ def fake_inference(tmp):
                    dict(run=str(run), shards=str(shards), layer=2, tokens='content', tokens_per_example=p,
                         has_cls=False, key='layer2-content'))
     return run, shards, out / 'token_acts.npz'
+
+def data_sae_run(t: dict, d_sae: int, fire_quantile: float | None = None, layer: int = 2):
+    """A ReLU SAE initialised from the training tokens of `tiny_shards` output `t` at `layer` (seeded), saved as a run
+    (`<dpath>/runs/r0` with the config.json that names its shards); `fire_quantile` lowers each latent's bias so it
+    fires on that top share of patches. Returns (run folder, SAE, the tokens)."""
+    import json, torch
+    from saev_nb.loaders import IndexedDataset
+    from saev_nb.sae import SAE, SAEConfig, Relu, save_sae
+    ds = IndexedDataset(t['train'], layer, 'content')
+    x = ds[torch.arange(len(ds))]['acts']
+    sae = SAE(SAEConfig(d_model=x.shape[1], d_sae=d_sae, activation=Relu()), seed=0)
+    sae.init_b_dec(x); sae.init_from_data(x, 0.9, seed=0)
+    if fire_quantile is not None:
+        with torch.no_grad(): sae.b_enc -= sae.pre_acts(x).quantile(fire_quantile, dim=0)
+    run = t['dpath']/'runs'/'r0'
+    save_sae(sae, run/'sae.safetensors')
+    (run/'config.json').write_text(json.dumps({'train_data': {'shards': str(t['train']), 'layer': layer}}))
+    return run, sae, x

@@ -9,8 +9,7 @@ from scipy.optimize import minimize
 
 from saev_nb.probe1d import (Codes, KMeansCoder, average_precision, benchmark_method, fit_kmeans, fit_pca,
                              fit_probes, purity_at, score_probes)
-from saev_nb.sae import SAE, SAEConfig, Relu, save_sae
-from helpers import cli, cli_fails, tiny_shards
+from helpers import cli, cli_fails, data_sae_run, tiny_shards
 
 
 def ap_brute(s, y):
@@ -124,16 +123,8 @@ def test_pca_and_kmeans_nmse_l0_match_numpy():
 @pytest.fixture(scope='module')
 def world(tmp_path_factory):
     "Tiny generated shards (class table: ADE20K's 151) and an SAE from the data, firing on its top 10% of patches."
-    from saev_nb.loaders import IndexedDataset
     t = tiny_shards(tmp_path_factory.mktemp('p1d'), seed=3)
-    ds = IndexedDataset(t['train'], 2, 'content')
-    x = ds[torch.arange(len(ds))]['acts']
-    sae = SAE(SAEConfig(d_model=x.shape[1], d_sae=32, activation=Relu()), seed=0)
-    sae.init_b_dec(x); sae.init_from_data(x, 0.9, seed=0)
-    with torch.no_grad(): sae.b_enc -= sae.pre_acts(x).quantile(0.9, dim=0)
-    run = t['dpath'] / 'runs' / 'r0'
-    save_sae(sae, run / 'sae.safetensors')
-    (run / 'config.json').write_text(json.dumps({'train_data': {'shards': str(t['train']), 'layer': 2}}))
+    run, _, _ = data_sae_run(t, d_sae=32, fire_quantile=0.9)
     return {**t, 'run': run}
 
 

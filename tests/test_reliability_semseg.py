@@ -14,7 +14,7 @@ from saev_nb.probe import probe_train_cli
 from saev_nb.sae import SAE, SAEConfig, Relu, save_sae
 from saev_nb.shards import Metadata
 
-from helpers import SAEV_NB, cli, cli_fails, one_line_failure, run, tiny_shards
+from helpers import SAEV_NB, cli, cli_fails, data_sae_run, one_line_failure, run, tiny_shards
 
 QUIET = {'TQDM_DISABLE': '1'}  # no progress bars: stderr holds only what the command says
 
@@ -24,15 +24,8 @@ def _fails(*args, contains=''): return cli_fails(*args, contains=contains, env=Q
 @pytest.fixture(scope='module')
 def pipe(tmp_path_factory):
     "Tiny generated data, shards at blocks 2 and 3, a data-initialised SAE on block 2, one probe on block 3."
-    from saev_nb.loaders import IndexedDataset
     t = tiny_shards(tmp_path_factory.mktemp('rel'), seed=3)
-    ds = IndexedDataset(t['train'], 2, 'content')
-    x = ds[torch.arange(len(ds))]['acts']
-    sae = SAE(SAEConfig(d_model=x.shape[1], d_sae=256, activation=Relu()), seed=0)
-    sae.init_b_dec(x); sae.init_from_data(x, 0.9, seed=0)
-    run_dpath = t['dpath']/'runs'/'r0'
-    save_sae(sae, run_dpath/'sae.safetensors')
-    (run_dpath/'config.json').write_text(json.dumps({'train_data': {'shards': str(t['train']), 'layer': 2}}))
+    run_dpath, _, _ = data_sae_run(t, d_sae=256)
     out = t['dpath']/'semseg'
     run(probe_train_cli, '--train-acts.shards', t['train'], '--train-acts.layer', 3, '--val-acts.shards', t['val'],
         '--imgs.root', t['root'], '--learning-rate', 1e-2, '--n-epochs', 3, '--batch-size', 512, '--out', out)
