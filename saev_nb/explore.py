@@ -19,7 +19,7 @@ from .metrics import ALMOST_DEAD, DENSE
 from .shards import Metadata, ShardSet, Tokens, open_labels  # Tokens: for show_doc of ExploreConfig
 from .visuals import (GalleryExamples, checked_inference, features_table, find_inference, highlight,
                              highlight_legend, label_image, label_legend_html, patch_maps, run_home, save_png,
-                             top_examples)
+                             top_examples, SORT_JS)
 
 # %% auto #0
 __all__ = ['OVERVIEW_JS', 'STYLE', 'ExploreError', 'latent_stats', 'row_labels', 'class_counts', 'overview_table', 'join_columns',
@@ -177,12 +177,7 @@ def svg_hist(values: np.ndarray,  # the numbers (non-finite left out)
     return f'<svg width="{w}" height="{h}" class="plot">{axes}{bars}</svg>'
 
 # %% ../nbs/14_explore.ipynb #5f9db207
-OVERVIEW_JS = """
-function sortBy(th){const t=th.closest('table'),i=[...th.parentNode.children].indexOf(th),b=t.tBodies[0];
-const asc=th.dataset.asc!=='1';th.dataset.asc=asc?'1':'0';
-const key=r=>{const c=r.children[i],v=c.dataset.v!==undefined?c.dataset.v:c.textContent;
- const n=parseFloat(v);return isNaN(n)?v:n;};
-[...b.rows].sort((x,y)=>{const a=key(x),c=key(y);return (a>c?1:a<c?-1:0)*(asc?1:-1);}).forEach(r=>b.appendChild(r));}
+OVERVIEW_JS = SORT_JS + """\
 function num(id,d){const v=parseFloat(document.getElementById(id).value);return isNaN(v)?d:v;}
 function applyFilter(){
  const f0=num('f0',-Infinity),f1=num('f1',Infinity),v0=num('v0',-Infinity),v1=num('v1',Infinity);

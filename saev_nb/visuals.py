@@ -26,7 +26,7 @@ from .models import geometry_steps
 from .shards import Metadata, recorded_images, vit_for_shards
 
 # %% auto #0
-__all__ = ['interesting', 'filter_report', 'pick_latents', 'highlight', 'label_palette', 'label_image', 'tile',
+__all__ = ['SORT_JS', 'interesting', 'filter_report', 'pick_latents', 'highlight', 'label_palette', 'label_image', 'tile',
            'highlight_legend', 'grid', 'label_legend_html', 'td_html', 'latent_row_html', 'page_legend_html',
            'write_index', 'html_refs', 'display_transform', 'geometry', 'top_examples', 'patch_maps', 'render_latent',
            'VisualsConfig', 'run_home', 'evaluations_with_acts', 'find_inference', 'features_table', 'read_features',
@@ -225,7 +225,7 @@ def page_legend_html(legend: str|None,  # relative path of the highlight legend 
             f'<br>{bar}</p>' + (label_legend_html(classes) if has_seg and classes else ''))
 
 # %% ../nbs/07_visuals.ipynb #0a2760d7
-_SORT_JS = """
+SORT_JS = """
 function sortBy(th){const t=th.closest('table'),i=[...th.parentNode.children].indexOf(th),b=t.tBodies[0];
 const asc=th.dataset.asc!=='1';th.dataset.asc=asc?'1':'0';
 const key=r=>{const c=r.children[i],v=c.dataset.v!==undefined?c.dataset.v:c.textContent;
@@ -257,7 +257,7 @@ p.note{{background:#fff3cd;border:1px solid #e0c060;padding:6px}} p.legend img{{
 p.classes span.cl{{white-space:nowrap;margin-right:1.2em}}
 p.classes span.sw{{display:inline-block;width:1.1em;height:1.1em;border:1px solid #777;vertical-align:middle;
 margin-right:.35em}}</style>
-<script>{_SORT_JS}</script></head><body>
+<script>{SORT_JS}</script></head><body>
 <h1>{html.escape(title)}</h1><p>{html.escape(subtitle)}</p>{leg}
 {f'<p class="note">{html.escape(note)}</p>' if note else ''}<p>Click a column header to sort.</p>
 <table><thead><tr>{heads}</tr></thead><tbody>
