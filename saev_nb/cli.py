@@ -42,6 +42,8 @@ COMMANDS: dict[str, tuple[str, str]] = {  # command words -> (module:function, o
     'selftest': ('saev_nb.selftest:selftest_cli', 'certify this installation on planted worlds: a table of checks'),
     'probe1d': ('saev_nb.probe1d:probe1d_cli', 'how well single latents stand for classes: 1-D probes, PCA, k-means'),
     'explore': ('saev_nb.explore:explore_cli', 'a static site per SAE to choose and inspect latents'),
+    'baseline train': ('saev_nb.baselines:baseline_train_cli', 'fit PCA or k-means on shards as a run directory'),
+    'make-model': ('saev_nb.scenevit:make_model_cli', 'train the small scene ViT that the defaults use'),
 }
 GROUPS = sorted({c.split()[0] for c in COMMANDS if ' ' in c})  # words that start several commands
 

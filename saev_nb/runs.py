@@ -8,7 +8,7 @@ __all__ = ['NOT_IN_RUN_ID', 'CKPT_MAX_BYTES', 'TRAIN_METADATA', 'TrainRecipe', '
            'RunFileError', 'save_checkpoint', 'load_checkpoint', 'trim_metrics', 'read_eval', 'Run', 'load_run_config',
            'load_normalizer', 'load_run', 'load_run_or_ckpt', 'ShardsMismatchError']
 
-# %% ../nbs/05_runs.ipynb #ce634e77
+# %% ../nbs/05_runs.ipynb #5897eeb6
 import dataclasses, hashlib, json, pickle, typing, warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,7 +26,7 @@ from .loaders import ShuffledConfig, Normalizer
 from .shards import Metadata, vit_for_shards
 from .models import record
 
-# %% ../nbs/05_runs.ipynb #7d9d39bd
+# %% ../nbs/05_runs.ipynb #d5c99da2
 @dataclass(frozen=True)
 class TrainRecipe:
     "What one run trains: data, SAE, objective, token budgets, schedules and seed (the fields of its id)."
@@ -61,7 +61,7 @@ class TrainRecipe:
     seed: int = 42
     """Seed of the SAE's initialisation and of the Matryoshka prefixes."""
 
-# %% ../nbs/05_runs.ipynb #39f378b2
+# %% ../nbs/05_runs.ipynb #dff24345
 @dataclass(frozen=True)
 class TrainConfig(TrainRecipe):
     "One SAE training run (`TrainRecipe`) and how it runs: logging, checkpoints, device, sweep and jobs."
@@ -106,7 +106,7 @@ class TrainConfig(TrainRecipe):
     """Slurm: one job per group when `--slurm-acct` is set (`--slurm-partition`, `--n-hours`, `--mem-gb` (default:
     what the job needs), `--log-to`, `--wait`)."""
 
-# %% ../nbs/05_runs.ipynb #b19d4f4e
+# %% ../nbs/05_runs.ipynb #73ffdd4c
 def _to_jsonable(obj):
     if isinstance(obj, SAEConfig): return sae_cfg_to_dict(obj)  # the SAE file's own tagging of its activation
     if dataclasses.is_dataclass(obj):
@@ -121,7 +121,7 @@ def cfg_to_dict(cfg: TrainConfig) -> dict:
     "JSON-able dict of `cfg` (unions tagged with `kind`)."
     return _to_jsonable(cfg)
 
-# %% ../nbs/05_runs.ipynb #0acbd22e
+# %% ../nbs/05_runs.ipynb #e33b167b
 NOT_IN_RUN_ID = ('log_every', 'ckpt_every', 'runs_root', 'device', 'compile', 'chunk_tokens', 'track', 'wandb_project',
                  'tags', 'sweep', 'max_parallel', 'max_runs', 'executor', 'slurm', 'force', 'tag')
 
@@ -136,7 +136,7 @@ def run_id(cfg: TrainConfig) -> str:
     "Stable id of a run: hash of the config fields that change the trained weights."
     return hashlib.sha256(json.dumps(run_settings(cfg), sort_keys=True).encode()).hexdigest()[:10]
 
-# %% ../nbs/05_runs.ipynb #3615b1b1
+# %% ../nbs/05_runs.ipynb #9be532e0
 class SweepError(UserError, ValueError):
     "A sweep file (or a `config.json`) holds a value or key that does not fit the config; the message names it."
 
@@ -144,7 +144,7 @@ def _strip(tp):
     while typing.get_origin(tp) is Annotated: tp = typing.get_args(tp)[0]
     return tp
 
-# %% ../nbs/05_runs.ipynb #aafcd676
+# %% ../nbs/05_runs.ipynb #a997cc42
 def union_members(tp) -> list:
     "The member types of a (possibly `Annotated`) union type; `[tp]` for a plain type."
     tp = _strip(tp)
@@ -156,7 +156,7 @@ def is_tuple_type(tp) -> bool:
     "Whether a field of type `tp` holds a tuple (or list): its sweep axis is a list of lists."
     return any(typing.get_origin(m) in (tuple, list) for m in union_members(tp))
 
-# %% ../nbs/05_runs.ipynb #81297f4f
+# %% ../nbs/05_runs.ipynb #47ef28d6
 def _coerce(v, tp, where: str):
     "Check/convert a TOML scalar `v` to the field type `tp`; raise `SweepError` naming `where`."
     members = union_members(tp)
@@ -176,7 +176,7 @@ def _coerce(v, tp, where: str):
     names = ' | '.join(getattr(m, '__name__', str(m)) for m in members)
     raise SweepError(f'{where}: expected {names}, got {type(v).__name__} {v!r}; fix this value in the sweep file')
 
-# %% ../nbs/05_runs.ipynb #12bae74f
+# %% ../nbs/05_runs.ipynb #aa4f943b
 _KINDS = {'activation': ACTIVATIONS, 'objective': OBJECTIVES}
 
 def _sub_config(k: str, cur, v: dict, path: str, src: str):
@@ -192,7 +192,7 @@ def _sub_config(k: str, cur, v: dict, path: str, src: str):
     cls = kinds[v.pop('kind')]
     return cur if type(cur) is cls else cls()
 
-# %% ../nbs/05_runs.ipynb #b81e049b
+# %% ../nbs/05_runs.ipynb #ba151e7a
 def override(obj, d: dict, where: str='', src: str='sweep'):
     "Copy of dataclass `obj` with the (nested) values of `d` applied, type-checked."
     hints = typing.get_type_hints(type(obj), include_extras=True)
@@ -210,7 +210,7 @@ def override(obj, d: dict, where: str='', src: str='sweep'):
         else: changes[k] = _coerce(v, tp, f'{src}: {path}')
     return replace(obj, **changes)
 
-# %% ../nbs/05_runs.ipynb #6502f197
+# %% ../nbs/05_runs.ipynb #739abe0c
 def field_type(cls, path: list[str], d: dict):
     "Type of the field at `path` below dataclass `cls` (None if unknown); `d` is the sweep table (for `kind`)."
     tp = None
@@ -227,7 +227,7 @@ def field_type(cls, path: list[str], d: dict):
             cls = next((s for s in subs if path[i + 1] in {f.name for f in dataclasses.fields(s)}), subs[0])
     return tp
 
-# %% ../nbs/05_runs.ipynb #e0dbe837
+# %% ../nbs/05_runs.ipynb #72bc1b1c
 def cfg_from_dict(d: dict) -> TrainConfig:
     "The `TrainConfig` of a `config.json` dict (`cfg_to_dict`'s inverse); keys this version does not know are ignored."
     d = dict(d)
@@ -242,7 +242,7 @@ def cfg_from_dict(d: dict) -> TrainConfig:
     for k in ('sae', 'slurm'): d[k] = {kk: vv for kk, vv in d.get(k, {}).items() if vv is not None}
     return override(TrainConfig(train_data=ShuffledConfig(), val_data=ShuffledConfig()), d, src='config.json')
 
-# %% ../nbs/05_runs.ipynb #5f2b584a
+# %% ../nbs/05_runs.ipynb #7df71cac
 class RunFileError(UserError, ValueError):
     "A run directory's file is damaged or full disk stopped a write; the message names the file and the fix."
 
@@ -255,7 +255,7 @@ def save_checkpoint(tr,  # a trainer: `sae`, `opt`, `since_fired_s`, `step_i`, `
              'since_fired': tr.since_fired_s, 'config': cfg_to_dict(tr.cfg)}
     with disk_full_errors(fpath): atomic_write(fpath, lambda p: torch.save(state, p))
 
-# %% ../nbs/05_runs.ipynb #1442b751
+# %% ../nbs/05_runs.ipynb #5e6087dd
 def load_checkpoint(tr,  # a trainer of the same config (`save_checkpoint`'s attributes), restored in place
                     fpath: Path):
     "Restore `tr` from `save_checkpoint`'s file; an unreadable, damaged, foreign or unsafe file is one line."
@@ -275,7 +275,7 @@ def load_checkpoint(tr,  # a trainer of the same config (`save_checkpoint`'s att
                else (str(e).strip().splitlines() or [type(e).__name__])[0][:80])
         raise RunFileError(f'{fpath}: damaged or not a checkpoint of this run ({why}); {fix}') from None
 
-# %% ../nbs/05_runs.ipynb #7102155a
+# %% ../nbs/05_runs.ipynb #c102e02d
 def trim_metrics(fpath: Path,  # a run's `metrics.jsonl`
                  step: int,  # the step the run resumes from: rows after it are dropped
                 ):
@@ -291,7 +291,7 @@ def trim_metrics(fpath: Path,  # a run's `metrics.jsonl`
         if row['step'] <= step: rows.append(l)
     with disk_full_errors(fpath): atomic_write(fpath, lambda p: p.write_text(''.join(r + '\n' for r in rows)))
 
-# %% ../nbs/05_runs.ipynb #90e60f1c
+# %% ../nbs/05_runs.ipynb #fa87f2d6
 TRAIN_METADATA = 'train_metadata.json'  # a copy of the training shards' metadata.json in each run directory
 
 def read_eval(run_dpath: Path,  # a run directory
@@ -303,7 +303,7 @@ def read_eval(run_dpath: Path,  # a run directory
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise RunFileError(f'{fpath}: damaged (not JSON); rerun with --force to train this run again') from None
 
-# %% ../nbs/05_runs.ipynb #14ed8a89
+# %% ../nbs/05_runs.ipynb #8ffb7d48
 @dataclass
 class Run:
     "A trained run: its SAE, training config and normalizer; `encode`/`reconstruct` take raw activations."
@@ -319,7 +319,7 @@ class Run:
         layer = self.cfg.train_data.layer if self.cfg is not None else '?'
         return f'Run({self.run_id}: {self.sae}, layer {layer}, normalizer={self.normalizer})'
 
-# %% ../nbs/05_runs.ipynb #7f93ff21
+# %% ../nbs/05_runs.ipynb #84d71a82
 def load_run_config(run_dpath: Path|str) -> TrainConfig:
     "The `TrainConfig` a run was trained with, from its `config.json`: the one reader of a run's config."
     fpath = Path(run_dpath)/'config.json'
@@ -330,13 +330,13 @@ def load_run_config(run_dpath: Path|str) -> TrainConfig:
         raise RunFileError(f'{fpath}: holds a {type(raw).__name__}, not a training config; this is not a run directory')
     return cfg_from_dict(raw)
 
-# %% ../nbs/05_runs.ipynb #a6490f7f
+# %% ../nbs/05_runs.ipynb #f52c5825
 def load_normalizer(run_dpath: Path|str) -> Normalizer | None:
     "The run's `Normalizer` (from `normalizer.safetensors`), or None if it trained on raw activations."
     fpath = Path(run_dpath)/'normalizer.safetensors'
     return Normalizer.from_file(fpath) if fpath.exists() else None
 
-# %% ../nbs/05_runs.ipynb #5b4b065a
+# %% ../nbs/05_runs.ipynb #477d40d7
 def load_run(run_dpath: Path|str,  # a run directory (`<runs_root>/<run id>`)
              device: str = 'cpu',  # where the SAE goes
             ) -> Run:
@@ -348,7 +348,7 @@ def load_run(run_dpath: Path|str,  # a run directory (`<runs_root>/<run id>`)
     sae = load_sae(p/'sae.safetensors', device).eval()
     return Run(p, sae, load_run_config(p), load_normalizer(p), p/'sae.safetensors')
 
-# %% ../nbs/05_runs.ipynb #8a2ed58d
+# %% ../nbs/05_runs.ipynb #057a9232
 def load_run_or_ckpt(fpath: Path|str,  # a run directory, its `sae.safetensors`, or a bare checkpoint (saev `.pt`)
                      device: str = 'cpu',  # where the SAE goes
                     ) -> Run:
@@ -363,7 +363,7 @@ def load_run_or_ckpt(fpath: Path|str,  # a run directory, its `sae.safetensors`,
     if ckpt.name == 'sae.safetensors' and (ckpt.parent/'config.json').is_file(): return load_run(ckpt.parent, device)
     return Run(ckpt.parent, load_sae(ckpt, device).eval(), None, load_normalizer(ckpt.parent), ckpt)
 
-# %% ../nbs/05_runs.ipynb #5447adb2
+# %% ../nbs/05_runs.ipynb #a5201293
 @patch
 @torch.no_grad()
 def encode(self: Run, x_bd: Tensor) -> Tensor:
@@ -371,7 +371,7 @@ def encode(self: Run, x_bd: Tensor) -> Tensor:
     x = x_bd.to(self.sae.W_enc.device, torch.float32)
     return self.sae(self.normalizer(x) if self.normalizer is not None else x).f_x
 
-# %% ../nbs/05_runs.ipynb #7f6c59c9
+# %% ../nbs/05_runs.ipynb #62e80a50
 @patch
 @torch.no_grad()
 def reconstruct(self: Run, x_bd: Tensor) -> Tensor:
@@ -380,25 +380,26 @@ def reconstruct(self: Run, x_bd: Tensor) -> Tensor:
     if self.normalizer is None: return self.sae(x).x_hat
     return self.normalizer.inverse(self.sae(self.normalizer(x)).x_hat)
 
-# %% ../nbs/05_runs.ipynb #8a1dca81
+# %% ../nbs/05_runs.ipynb #41d37156
 class ShardsMismatchError(UserError, ValueError):
     "An SAE does not fit the shards it is asked to read (width, layer or token set); the message names the flag."
 
-# %% ../nbs/05_runs.ipynb #9cb36efe
-def _check_layer(run: Run, md: Metadata, layer: int|None, flag: str, error) -> int:
+# %% ../nbs/05_runs.ipynb #82b25762
+def _check_layer(run: Run, md: Metadata, layer: int|None, flag: str, error, layer_flag: str|None = None) -> int:
     "The recorded layer to read: `layer`, else the run's training layer (a bare checkpoint: the shards' only one)."
     trained = run.cfg.train_data.layer if run.cfg is not None else None
+    lf = layer_flag or f'{flag}.layer'
     if layer is None and trained is None and len(md.layers) > 1:
         raise error(f'{run.ckpt_fpath or run.dpath}: a checkpoint without a training config names no layer, and the '
-                    f'shards recorded {list(md.layers)}; pass {flag}.layer')
-    resolved = md.resolve_layer(layer if layer is not None else trained, f'{flag}.layer')  # negative: counts back
+                    f'shards recorded {list(md.layers)}; pass {lf}')
+    resolved = md.resolve_layer(layer if layer is not None else trained, lf)  # negative: counts back
     if trained is not None and int(trained) != resolved:
         asked = f'{layer} (block {resolved})' if layer is not None and layer < 0 else f'{resolved}'
-        raise error(f'{run.dpath}/config.json: the SAE was trained on layer {trained}, but {flag}.layer is {asked}; '
-                    f'pass {flag}.layer {trained} (and shards that recorded it)')
+        raise error(f'{run.dpath}/config.json: the SAE was trained on layer {trained}, but {lf} is {asked}; '
+                    f'pass {lf} {trained} (and shards that recorded it)')
     return resolved
 
-# %% ../nbs/05_runs.ipynb #4fbe5f3d
+# %% ../nbs/05_runs.ipynb #2076829a
 @patch
 def check_shards(self: Run,
                  md: Metadata,  # metadata of the shards to read (`Metadata.load`)
@@ -408,12 +409,13 @@ def check_shards(self: Run,
                  other_tokens: bool|None = None,  # another token set: allowed (True), refused naming
                                                   # `--other-tokens` (False), or refused (None: no such flag)
                  error: type = ShardsMismatchError,  # the `UserError` subclass to raise (the step's own)
+                 layer_flag: str|None = None,  # the layer's flag when not `<flag>.layer` (e.g. `--layer`)
                 ) -> tuple[int, str]:  # the recorded layer and the token set to read
     "Check this SAE against shards (d_model, layer, token set) before any work; the layer and tokens to read."
     if md.d_model != self.sae.d_model:
         raise error(f'{md.where}: d_model={md.d_model} but the SAE in {self.ckpt_fpath or self.dpath} expects '
                     f'{self.sae.d_model}; use shards recorded from the model the SAE was trained on')
-    resolved = _check_layer(self, md, layer, flag, error)
+    resolved = _check_layer(self, md, layer, flag, error, layer_flag)
     trained = (self.cfg.train_data.tokens if self.cfg is not None else None) or 'content'
     tokens = tokens or trained
     if tokens != trained and not other_tokens:
@@ -424,7 +426,7 @@ def check_shards(self: Run,
     md.token_span(tokens)  # a token set the shards hold
     return resolved, tokens
 
-# %% ../nbs/05_runs.ipynb #30c72154
+# %% ../nbs/05_runs.ipynb #5cd1dbbf
 @patch
 def train_metadata(self: Run) -> Metadata:
     "Metadata of the shards the run trained on: its `train_metadata.json`, else the training shards' own (older runs)."
@@ -441,7 +443,7 @@ def train_metadata(self: Run) -> Metadata:
         raise RunFileError(f'{fpath}: missing, and the training shards are not readable ({e}); restore the shards '
                            f'{self.cfg.train_data.shards}') from None
 
-# %% ../nbs/05_runs.ipynb #22c5cd80
+# %% ../nbs/05_runs.ipynb #640268ac
 @patch
 def vit(self: Run, device: str|None = None):
     "The ViT whose activations the run's SAE reads (`vit_for_shards` of its training shards), loaded once."
@@ -450,7 +452,7 @@ def vit(self: Run, device: str|None = None):
     if key not in self.__dict__: self.__dict__[key] = vit_for_shards(self.train_metadata(), device)
     return self.__dict__[key]
 
-# %% ../nbs/05_runs.ipynb #341c6813
+# %% ../nbs/05_runs.ipynb #0161a1a9
 @patch
 @torch.inference_mode()
 def acts_of(self: Run, images: list) -> Tensor:  # PIL images -> (n_images, tokens, d_model) raw activations
@@ -461,7 +463,7 @@ def acts_of(self: Run, images: list) -> Tensor:  # PIL images -> (n_images, toke
     tok0, n_sel = md.token_span((self.cfg.train_data.tokens if self.cfg is not None else None) or 'content')
     return record(vit, x_bchw, [layer], md.cls_token)[:, 0, tok0:tok0 + n_sel].float()
 
-# %% ../nbs/05_runs.ipynb #784c342b
+# %% ../nbs/05_runs.ipynb #08181464
 @patch
 def codes_of(self: Run, images: list) -> Tensor:  # PIL images -> (n_images, tokens, d_sae) SAE codes
     "The SAE codes of each token of each image (the ViT, the run's layer, its normalizer, the SAE)."

@@ -30,12 +30,14 @@ def run(fn, *args):
     return fn(tyro.cli(typing.get_type_hints(fn)['cfg'], args=[str(a) for a in args]))
 
 def tiny_shards(dpath, seed=1):
-    "Tiny generated scenes (48 train / 16 val, 4 classes) recorded at blocks 2 and 3 of the random-init tiny ViT."
+    """Tiny generated easy scenes (48 train / 16 val, 4 classes) recorded at blocks 2 and 3 of the random-init control
+    `saev-tiny/random`, named explicitly: tests that rebuild the stream load that model, and the fixtures stay the same
+    whatever the default checkpoint is."""
     from saev_nb.data import SegFolderConfig, make_scenes
     from saev_nb.writer import ShardsConfig, write_shards
     root = make_scenes(dpath/'ADEChallengeData2016', 48, 16, seed=seed, size=96, n_classes=4, progress=False)
-    sh = {s: write_shards(ShardsConfig(data=SegFolderConfig(root, s), shards_root=dpath/'shards', layers=(2, 3),
-                                       batch_size=32, n_workers=0), progress=False)
+    sh = {s: write_shards(ShardsConfig(data=SegFolderConfig(root, s), shards_root=dpath/'shards', ckpt='saev-tiny/random',
+                                       layers=(2, 3), batch_size=32, n_workers=0), progress=False)
           for s in ('training', 'validation')}
     return {'root': root, 'train': sh['training'], 'val': sh['validation'], 'dpath': dpath}
 
@@ -83,12 +85,12 @@ def fake_inference(tmp):
     from saev_nb.data import tiny_dataset
     from saev_nb.metrics import Metrics
     from saev_nb.evaluate import save_inference
-    from saev_nb.models import load_vit
+    from saev_nb.models import DEFAULT_CKPT, DEFAULT_FAMILY, load_vit
     from saev_nb.shards import Metadata
     root = tiny_dataset()
-    vit = load_vit('clip', 'saev-tiny/random')
+    vit = load_vit(DEFAULT_FAMILY, DEFAULT_CKPT)
     n_ex, p = 64, vit.n_patches
-    md = Metadata(family='clip', ckpt='saev-tiny/random', layers=(2,), content_tokens_per_example=p, cls_token=True,
+    md = Metadata(family=DEFAULT_FAMILY, ckpt=DEFAULT_CKPT, layers=(2,), content_tokens_per_example=p, cls_token=True,
                   d_model=vit.d_model, n_examples=n_ex, max_tokens_per_shard=n_ex * (p + 1),
                   data={'kind': 'SegFolderConfig', 'root': str(root), 'split': 'training'}, dataset=str(root))
     shards = tmp / 'shards' / md.hash

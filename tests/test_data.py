@@ -85,3 +85,41 @@ def test_16_bit_mask_reports_the_value_in_the_file(tmp_path):
               contains=f'{ann}: label 300 outside 0 (other) .. 150 (I;16 mask); save the annotation as an 8-bit PNG')
     Image.fromarray(np.full(size, 4, np.uint16)).save(ann)  # a 16-bit mask of valid labels reads as they are
     assert np.unique(SegFolder(root)[1]['labels']).tolist() == [4]
+
+
+def test_make_data_hard_same_seed_same_bytes_ade_layout(tmp_path):
+    """`make-data` (installed script; hard scenes by default) and `make_scenes(hard=True)` (in-process) write the same
+    bytes, ADE layout; `make-data --no-hard` writes the easy scenes."""
+    from helpers import cli
+    args = ('--n-train', 4, '--n-val', 2, '--seed', 5, '--size', 64)
+    cli('make-data', '--root', tmp_path/'a', *args, env={'TQDM_DISABLE': '1'})
+    cli('make-data', '--root', tmp_path/'e', '--no-hard', *args, env={'TQDM_DISABLE': '1'})
+    b = make_scenes(tmp_path/'b', n_train=4, n_val=2, seed=5, size=64, progress=False, hard=True)
+    files = sorted(str(p.relative_to(b)) for p in b.rglob('*') if p.is_file())
+    assert files == sorted(str(p.relative_to(tmp_path/'a')) for p in (tmp_path/'a').rglob('*') if p.is_file())
+    assert {'objectInfo150.csv', 'labels.csv', 'images/training/ADE_train_00000004.jpg',
+            'annotations/validation/ADE_val_00000002.png'} <= set(files)
+    assert all((tmp_path/'a'/f).read_bytes() == (b/f).read_bytes() for f in files)
+    easy = make_scenes(tmp_path/'easy', n_train=4, n_val=2, seed=5, size=64, progress=False)
+    assert (easy/files[-1]).read_bytes() != (b/files[-1]).read_bytes() == (tmp_path/'a'/files[-1]).read_bytes()
+    assert (easy/files[-1]).read_bytes() == (tmp_path/'e'/files[-1]).read_bytes()
+    assert read_class_names(b) == read_class_names(easy) and read_class_names(b)[8] == 'bed'
+    ds = SegFolder(b)
+    for i in range(len(ds)):
+        lab = ds[i]['labels']
+        assert lab.dtype == np.uint8 and lab.max() <= 8 and len(np.unique(lab)) >= 2
+
+
+def test_hard_scenes_colour_does_not_name_the_class(tmp_path):
+    "On hard scenes a nearest-class-mean on one pixel's colour is near the majority rate (easy scenes: well above)."
+    def colour_acc(root):
+        ds = SegFolder(root)
+        px = np.concatenate([np.asarray(ds[i]['image'], np.float32).reshape(-1, 3) for i in range(len(ds))])
+        lab = np.concatenate([ds[i]['labels'].ravel() for i in range(len(ds))])
+        px, lab = px[lab > 0][::5], lab[lab > 0][::5]
+        cls = np.unique(lab)
+        means = np.stack([px[lab == c].mean(0) for c in cls])
+        return (cls[((px[:, None] - means[None]) ** 2).sum(-1).argmin(1)] == lab).mean()
+    hard = colour_acc(make_scenes(tmp_path/'h', n_train=16, n_val=0, size=64, progress=False, hard=True))
+    easy = colour_acc(make_scenes(tmp_path/'e', n_train=16, n_val=0, size=64, progress=False))
+    assert hard < 0.35 and hard < easy - 0.15, (hard, easy)

@@ -178,3 +178,53 @@ def test_latent_page_lists_nearest_latents_by_decoder_cosine(world):
     shown = re.search(r'Nearest latents \(decoder cosine\)</h2><p>(.*?)</p>', page).group(1)
     got = [int(n) for n in re.findall(r'(?:>|;)(\d+)(?:</a>)? \(', shown)]
     assert got == list(np.argsort(-cos, kind='stable')[:8]), (got, shown)
+
+
+@pytest.fixture(scope='module')
+def planted_site(tmp_path_factory):
+    "The planted semseg world in files (explore.planted_world_files), its inference, and its site with the probe's view."
+    from saev_nb.explore import planted_world_files
+    tmp = tmp_path_factory.mktemp('planted')
+    run, shards, probe, planted = planted_world_files(tmp)
+    cli_in_process('inference', '--run', run, '--data.shards', shards, env={'TQDM_DISABLE': '1'})
+    semseg = tmp / 'semseg'  # the layout `semseg train` writes: --probe names the folder, its best-mIoU probe is read
+    (semseg / 'checkpoints' / 'planted').mkdir(parents=True); (semseg / 'logs').mkdir()
+    shutil.copy(probe, semseg / 'checkpoints' / 'planted' / 'probe.safetensors')
+    (semseg / 'logs' / 'results.csv').write_text('probe,mean_iou\nother,0.1\nplanted,1.0\n')
+    (semseg / 'checkpoints' / 'other').mkdir()  # not the best: never read
+    r = cli('explore', '--run', run, '--shards', shards, '--probe', semseg, '--latents', *planted.values(), '--n-pages', 0,
+            '--top-k', 3, '--out', tmp / 'site', env={'TQDM_DISABLE': '1'})
+    return dict(run=run, shards=shards, planted=planted, site=Path(r.stdout.strip().splitlines()[-1]))
+
+
+def test_planted_world_class_column_and_probe_change(planted_site):
+    """Each planted latent: its class with purity 1.0 in the overview; on its page the probe's segmentation at x0 flips
+    exactly its class's patches."""
+    site, planted = planted_site['site'], planted_site['planted']
+    table = pd.read_csv(site / 'latents.csv').set_index('latent')
+    names = read_class_names(Metadata.load(planted_site['shards']).dataset)
+    fired = {c: l for c, l in planted.items() if table.n_fire[l] > 0}
+    assert len(fired) >= 4
+    for c, l in fired.items():
+        assert table.top_class[l] == names[c] and table.purity[l] == 1.0, (c, l, table.loc[l])
+        page = site / 'latents' / f'latent_{l:05d}.html'
+        for ref in html_refs(page): assert (page.parent / ref).is_file(), (page, ref)
+        text = page.read_text()
+        assert "The probe's segmentation as latent" in text and 'semseg/checkpoints/planted/probe.safetensors' in text
+        changes = pd.read_csv(site / 'latents' / f'latent_{l:05d}' / 'probe.csv')
+        x0 = changes[changes.step == 0].set_index('class')
+        assert x0.n_patches[c] > 0 and x0.n_changed[c] == x0.n_patches[c]  # the planted class's patches flip
+        assert x0.n_changed.drop(c).sum() == 0  # the others do not
+        assert changes[changes.step > 0].n_changed.sum() == 0  # halved, as is or doubled: the class stays
+        assert f'<td style="text-align:left">{names[c]}</td><td>{x0.n_patches[c]}</td><td>100%</td>' in text
+    shared = sorted((site / 'img').glob('pred_*.png'))  # the probe's maps as is: once per image, shared by the pages
+    pages = ''.join(p.read_text() for p in (site / 'latents').glob('latent_*.html'))
+    assert shared and all(f'../img/{p.name}' in pages for p in shared)
+
+
+def test_probe_bad_input_is_one_line(planted_site, tmp_path):
+    "A --probe folder without probes, or a file that is not a probe: exit 2, one line naming the fix."
+    args = ('explore', '--run', planted_site['run'], '--shards', planted_site['shards'], '--n-pages', 1)
+    cli_in_process_fails(*args, '--probe', tmp_path / 'nothing', '--out', tmp_path / 'a', contains='logs/results.csv: missing')
+    (tmp_path / 'bad.safetensors').write_text('not a probe')
+    cli_in_process_fails(*args, '--probe', tmp_path / 'bad.safetensors', '--out', tmp_path / 'b', contains='bad.safetensors')

@@ -5,6 +5,7 @@ import base64, dataclasses, hashlib, json, pickle, typing
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -14,7 +15,7 @@ from saev_nb.models import ModelError, load_vit
 from saev_nb.probe import LinearProbes
 from saev_nb.shards import Metadata, load_shard_info, open_labels, open_shard, validate_shards
 
-from helpers import cli, cli_fails, cli_in_process_fails
+from helpers import cli, cli_fails, cli_in_process, cli_in_process_fails
 
 EVA = {'dinov3': ('vit_small_patch16_dinov3', 112), 'pe-core': ('vit_pe_core_tiny_patch16_384', 128),
        'pe-spatial': ('vit_pe_spatial_tiny_patch16_512', 128)}
@@ -206,18 +207,83 @@ def test_planted_control_passes_through_dinov3_blocks(dinov3_stream):
     assert removed[on].float().mean() < 0.05 and control[on].float().mean() > 0.95
 
 
+def test_suppress_command_on_dinov3_blocks(dinov3_stream, tmp_path):
+    """`semseg suppress` by the installed command, SAE on block 1 and probe on block 3 of a DINOv3: the stream rebuilt
+    from the images (registers, rotary grid) reproduces the recorded block 3, and a direction planted at block 1 on one
+    class's patches (block 3 recorded from it) is what the class latent removes: its patches flip, the control's
+    do not."""
+    import subprocess
+    from saev_nb.probe import save_probe
+    from saev_nb.sae import SAE, SAEConfig, Relu, save_sae
+    from saev_nb.shards import shard_name
+    vit, b, src = dinov3_stream
+    d = tmp_path / 'saev' / 'shards' / src.name
+    d.parent.mkdir(parents=True)
+    subprocess.run(['cp', '-r', '--sparse=always', str(src), str(d)], check=True)
+    md = Metadata.load(d)
+    x, y = b['x'], b['labels'].long()
+    assert x.shape[0] == md.n_examples == 6  # one batch holds every image
+    c = int(torch.bincount(y[y > 0]).argmax())
+    on, s0, strength = y == c, 7, 12 * float(x.std())
+    planted = x.clone()
+    planted[..., s0] += strength * on
+    with torch.no_grad():
+        run = lambda z: vit.run_blocks(torch.cat([b['resid'][:, :5], z], 1), 2, 3)[:, 5:]
+        at3 = run(planted)
+        diff = (at3 - run(x))[on].mean(0)  # what the planted direction became at block 3
+        score = at3 @ diff
+    assert float(score[~on].max()) < float(score[on].min())  # the probe below reads class c exactly on its patches
+    stored = np.memmap(d / shard_name(0), dtype=np.float32, mode='r+', shape=md.shard_shape)
+    stored[:6, 0, 1:], stored[:6, 1, 1:] = planted.numpy(), at3.numpy()  # block 1 planted, block 3 recorded from it
+    stored.flush(); del stored
+    # the SAE: latent 0 reads the planted coordinate and writes it back; 15 weak random latents for the controls
+    sae = SAE(SAEConfig(d_model=384, d_sae=16, activation=Relu()), seed=0)
+    v = planted[..., s0] / strength
+    tau = (float(v[~on].max()) + float(v[on].min())) / 2
+    with torch.no_grad():
+        sae.b_dec.zero_(); sae.b_enc.zero_(); sae.W_enc[:, 0] = 0; sae.W_enc[s0, 0] = 1 / strength
+        sae.b_enc[0] = -tau
+        sae.W_dec.mul_(0.05 * float(x.std()) / sae.W_dec.norm(dim=1, keepdim=True))
+        sae.W_dec[0] = 0; sae.W_dec[0, s0] = strength / float((v[on] - tau).mean())
+    save_sae(sae, tmp_path / 'sae.safetensors')
+    probe = LinearProbes(1, 384, 151)
+    with torch.no_grad():
+        probe.W_pdc.zero_(); probe.b_pc.fill_(-1e3); probe.b_pc[0, 0] = 0
+        probe.W_pdc[0, :, c] = diff; probe.b_pc[0, c] = -(float(score[~on].max()) + float(score[on].min())) / 2
+    save_probe(probe, 0, tmp_path / 'probe.safetensors', {'layer': 3, 'family': 'dinov3', 'ckpt': md.ckpt})
+    feats = tmp_path / 'features' / 'features.csv'  # the planted latent, chosen for class c by `semseg features`
+    cli_in_process('semseg', 'features', '--sae-ckpt', tmp_path / 'sae.safetensors', '--acts.shards', d,
+                   '--acts.layer', 1, '--imgs.root', md.dataset, '--k', 1, '--max-freq', 1, '--out', tmp_path,
+                   env={'TQDM_DISABLE': '1'})
+    assert 0 in set(pd.read_csv(feats).query('`class` == @c').latent)
+    r = cli('semseg', 'suppress', '--sae-ckpt', tmp_path / 'sae.safetensors', '--acts.shards', d, '--acts.layer', 1,
+            '--probe', tmp_path / 'probe.safetensors', '--features', feats, '--n-boot', 20, '--out', tmp_path,
+            env={'TQDM_DISABLE': '1'})  # the first batch checks the rebuilt block 3 against the recorded one
+    pc = pd.read_csv(tmp_path / 'suppress' / 'per-class.csv').query('`class` == @c').set_index('condition')
+    assert json.loads((tmp_path / 'suppress' / 'conditions.json').read_text())['probe_layer'] == 3
+    assert pc.loc['none', 'n_target'] == int(on.sum()) and pc.loc['none', 'target_change'] == 0
+    assert pc.loc['class', 'target_change'] >= 0.95 and pc.loc['random-dir', 'target_change'] <= 0.05, pc
+
+
 def saev_flex_size(w: int, h: int, n: int, p: int = 16) -> tuple[int, int]:
     "Independent: among all (cols, rows) with cols * rows == n, the one whose cols / rows is closest to w / h."
     cols = min((c for c in range(1, n + 1) if n % c == 0), key=lambda c: abs(c / (n // c) - w / h))
     return cols * p, (n // cols) * p
 
 
-def test_dinov3_saev_geometry_flag(seg_root, tmp_path):
-    "`--flex-resize`: no crop, the aspect-closest grid of exactly P patches per image, masks NEAREST, RoPE on that grid."
-    name, n = 'vit_small_patch16_dinov3', 6
-    ckpt = f'{name}/{moved_weights(tmp_path, name, 112)}'
-    d = record_cli(seg_root, tmp_path / 'shards', 'dinov3', ckpt, 112, [2], 'training', '--flex-resize',
-                   '--content-tokens-per-example', n)
+@pytest.fixture(scope='module')
+def flex_shards(seg_root, tmp_path_factory):
+    "Training shards of a DINOv3-S/16 (moved weights) at block 2 in saev's geometry, 6 patches per image: (ckpt, dir)."
+    dpath = tmp_path_factory.mktemp('flex')
+    name = 'vit_small_patch16_dinov3'
+    ckpt = f'{name}/{moved_weights(dpath, name, 112)}'
+    return ckpt, record_cli(seg_root, dpath / 'shards', 'dinov3', ckpt, 112, [2], 'training', '--flex-resize',
+                            '--content-tokens-per-example', 6)
+
+
+def test_dinov3_saev_geometry_flag(seg_root, flex_shards):
+    "`--flex-resize`: no crop, the aspect-closest grid of exactly P patches per image, masks NEAREST, RoPE on its grid."
+    (ckpt, d), n = flex_shards, 6
     md = validate_shards(d)
     assert (md.family, md.content_tokens_per_example, md.layers) == ('dinov3', n, (2,))
     vit = load_vit('dinov3', ckpt, img_size=112)
@@ -240,6 +306,52 @@ def test_dinov3_saev_geometry_flag(seg_root, tmp_path):
     assert got.shape == want.shape == (12, 1, 1 + n, 384)
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-4
     np.testing.assert_array_equal(open_labels(d), np.array(labels, dtype=np.uint8))
+
+
+def test_flex_geometry_is_carried_downstream(seg_root, flex_shards, tmp_path):
+    """`geometry.json` records the flex geometry; `vit_for_shards` (per-image grids) with `recorded_images` rebuilds the
+    stored tokens and labels, `visuals` draws the shards' images in that geometry, and a step that needs one grid for
+    every image refuses in one line naming the directory."""
+    from saev_nb.data import make_dataset
+    from saev_nb.models import pixel_to_patch_labels
+    from saev_nb.sae import SAE, SAEConfig, Relu, save_sae
+    from saev_nb.shards import ImageGeometry, ShardError, recorded_geometry, recorded_images, vit_for_shards
+    from saev_nb.visuals import GalleryExamples, highlight
+    _, d = flex_shards
+    md = Metadata.load(d)
+    assert recorded_geometry(d) == ImageGeometry('flex', 112)
+    vit = vit_for_shards(md, per_image_grid=True)
+    ds = make_dataset(recorded_images(md), vit.img_transform, vit.seg_transform)
+    with torch.inference_mode():
+        got = np.stack([vit.residual(ds[i]['image'][None], 2)[0, vit.token_idx(True)].numpy() for i in range(len(ds))])
+    want = all_acts(d)[:, 0]
+    assert got.shape == want.shape == (12, 7, 384) and np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-4
+    labels = np.stack([pixel_to_patch_labels(ds[i]['labels'], 16)[0].numpy() for i in range(len(ds))])
+    np.testing.assert_array_equal(labels, open_labels(d))
+    ex = GalleryExamples(md)  # the gallery's images and label maps: the recorded geometry, a grid per image
+    assert ex.grid_hw is None and {ex(i)[0].size for i in range(12)} == {(48, 32), (32, 48)}
+    np.testing.assert_array_equal([pixel_to_patch_labels(ex(i)[1], 16)[0].numpy() for i in range(12)], open_labels(d))
+    assert highlight(ex(0)[0], np.arange(6.0), 5.0).size == ex(0)[0].size
+    with pytest.raises(ShardError, match=f'{d}: recorded with --flex-resize .* without --flex-resize for it'):
+        vit_for_shards(md)
+    # the commands: inference and visuals draw the gallery; `semseg features` (one pixel-label size) refuses
+    save_sae(SAE(SAEConfig(d_model=384, d_sae=16, activation=Relu()), seed=0), tmp_path / 'sae.safetensors')
+    env = {'TQDM_DISABLE': '1'}
+    cli_in_process('inference', '--run', tmp_path / 'sae.safetensors', '--data.shards', d, env=env)
+    index = Path(cli_in_process('visuals', '--run', tmp_path / 'sae.safetensors', '--shards', d, '--n-latents', 2,
+                     '--log10-freq', -9, 0, '--log10-value', -9, 9, '--out', tmp_path / 'g', env=env)
+                 .stdout.strip().splitlines()[-1])
+    assert index.is_file() and len(list((tmp_path / 'g' / 'grids').glob('latent_*_preview.png'))) == 2
+    cli_in_process('explore', '--run', tmp_path / 'sae.safetensors', '--shards', d, '--latents', 0, '--n-pages', 0,
+                   '--out', tmp_path / 'site', env=env)  # the explorer's pages: each image's own grid, no change there
+    shown = {Image.open(f).size for f in (tmp_path / 'site' / 'latents' / 'latent_00000').glob('ex_*.png')}
+    assert shown and all(2 * w == 3 * h or 3 * w == 2 * h for w, h in shown), shown  # 2 x 3 or 3 x 2 patches
+    cli_in_process_fails('semseg', 'features', '--sae-ckpt', tmp_path / 'sae.safetensors', '--acts.shards', d,
+                         '--imgs.root', seg_root, '--out', tmp_path, contains=f'{d}: recorded with --flex-resize',
+                         env=env)
+    cli_in_process_fails('semseg', 'train', '--train-acts.shards', d, '--val-acts.shards', d, '--out',
+                         tmp_path / 'probe', contains=f'{d}: recorded with --flex-resize', env=env)  # before training
+    assert not list((tmp_path / 'probe').rglob('*.safetensors'))
 
 
 def test_flex_resize_refusals_are_one_line(seg_root, tmp_path):

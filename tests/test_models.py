@@ -74,6 +74,15 @@ def test_random_init_is_deterministic():
     for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items()): assert torch.equal(v, w), k
 
 
+def test_default_is_the_learned_model_and_random_the_control(x64):
+    "Every `--ckpt` default is the shipped learned `saev-tiny/scenes`; `saev-tiny/random` is its random-init twin."
+    from saev_nb.writer import ShardsConfig
+    assert (DEFAULT_FAMILY, DEFAULT_CKPT, ShardsConfig().ckpt) == ('clip', 'saev-tiny/scenes', 'saev-tiny/scenes')
+    learned, control = load_vit(DEFAULT_FAMILY, DEFAULT_CKPT), load_vit('clip', 'saev-tiny/random')
+    assert (learned.d_model, learned.n_layers, learned.grid) == (control.d_model, control.n_layers, control.grid)
+    with torch.inference_mode(): assert not torch.allclose(learned(x64), control(x64))
+
+
 def test_local_checkpoint_roundtrip(tmp_path, x64):
     register_tiny()
     torch.manual_seed(3)

@@ -66,6 +66,13 @@ def test_semseg_paper_small(tmp_path):
     assert set(feats.latent) <= set(shown.latent)
     assert list((gallery.parents[2]/'inference'/gallery.parent.name).rglob('token_acts.npz'))  # inference ran on these shards
     assert (out/'suppress'/'suppression.png').stat().st_size > 1000
+    # the random-init twin ran through the same steps (its outputs under control/), shown beside the default model
+    twin = pd.read_csv(out/'control'/'suppress'/'verdicts.csv')
+    from saev_nb.suppress import VERDICTS
+    assert len(twin) and set(twin.verdict) <= set(VERDICTS)
+    side = next(t for k, t in outputs_text(nb) if k == 'text/plain' and 'probe mIoU' in t and 'SAE NMSE' in t)
+    assert 'saev-tiny/scenes' in side and 'saev-tiny/random' in side and '95% CI' in side
+    assert 'paired 95% CI' in text and 'Learned vs random-init' in text
 
 
 def _preset_namespace(tmp_path, *params) -> dict:
@@ -96,7 +103,11 @@ def test_preset_preprint(tmp_path):
     vit = load_vit(ns['family'], ns['ckpt'].split('.')[0] + '/random')  # the architecture, without downloading weights
     assert vit.d_model == 768 and vit.n_layers == 12 and vit.n_prefix == 5 and vit.resolve_layers([ns['layer']]) == (10,)
     with pytest.raises(ValueError, match='pass -p data_root'): _preset_namespace(tmp_path, '-p', 'preset', 'preprint')
-    assert _preset_namespace(tmp_path)['family'] == 'clip'  # the defaults
+    assert ns['control_ckpt'] == ''  # the presets skip the random-init twin
+    defaults = _preset_namespace(tmp_path)
+    assert (defaults['family'], defaults['ckpt'], defaults['control_ckpt'], defaults['hard_scenes']) == (
+        'clip', 'saev-tiny/scenes', 'saev-tiny/random', True)  # the defaults: learned model, its twin, hard scenes
+    assert max(defaults['probe_lrs']) >= 0.1
 
 
 def test_committed_paper_shows_the_control_and_the_verdicts():

@@ -8,7 +8,7 @@ import torch
 from scipy.optimize import minimize
 
 from saev_nb.probe1d import (Codes, KMeansCoder, average_precision, benchmark_method, fit_kmeans, fit_pca,
-                             fit_probes, purity_at, score_probes)
+                             fit_probes, prevalence, probe_grads, purity_at, score_probes)
 from helpers import cli, cli_fails, data_sae_run, tiny_shards
 
 
@@ -88,6 +88,27 @@ def test_probes_match_independent_implementation():
     assert 0 < summ['probe_r'] < 0.9 and all(a < 1 for a in ap)  # no class is separated perfectly
 
 
+def test_pair_fit_matches_the_plain_pass_and_skips_converged_probes():
+    "Sparse codes, 9 classes (one absent): the fast fit's loss and gradient re-checked by the plain all-probes pass."
+    rng = np.random.default_rng(3)
+    n, d, C = 3000, 40, 9
+    y = np.minimum(rng.zipf(1.6, n) - 1, C - 2)  # class 8 never occurs
+    f = np.where(rng.random((n, d)) < rng.uniform(0.005, 0.3, d), rng.exponential(1., (n, d)), 0.)
+    f[np.arange(n), y] += (rng.random(n) < 0.6) * rng.gamma(2., 1., n)  # latent c detects class c, not perfectly
+    f[:, 39] = 0.  # a latent that never fires
+    codes, yt = Codes.from_dense(torch.tensor(f)), torch.tensor(y)
+    pr = fit_probes(codes, yt, C)
+    b0 = torch.logit(prevalence(yt, C))[None].expand(d, C)
+    s, g = probe_grads(codes, yt, pr.w, pr.b, b0, torch.arange(C), 1e-8)
+    assert pr.max_grad < 1e-8 and float(g.max()) < 1e-8
+    np.testing.assert_allclose(pr.train_loss.numpy(), s['loss'].numpy(), atol=1e-13)
+    assert pr.w[:, 8].abs().max() == 0 and pr.w[39].abs().max() == 0  # absent class, silent latent: w = 0
+    assert 0 < pr.n_visited < pr.n_iter * len(codes.vals) * 8 / 2  # converged probes leave: under half the passes
+    small = fit_probes(codes, yt, C, chunk=7)  # blocks of a few values: the same fit
+    np.testing.assert_allclose(small.w.numpy(), pr.w.numpy(), atol=1e-9)
+    assert small.train_loss.argmin(0).tolist() == pr.train_loss.argmin(0).tolist()
+
+
 def test_never_firing_latent_keeps_w_zero():
     f = torch.zeros(20, 2, dtype=torch.float64); f[:10, 0] = 1.
     pr = fit_probes(Codes.from_dense(f), torch.tensor([0] * 5 + [1] * 15), 2)
@@ -128,9 +149,16 @@ def world(tmp_path_factory):
     return {**t, 'run': run}
 
 
-def test_cli_writes_table_and_resumes(world, tmp_path):
-    w, out = world, tmp_path / 'out'
+@pytest.fixture(scope='module')
+def run_out(world, tmp_path_factory):
+    "`saev_nb probe1d` of the world's run, once: (the command's result, its output folder)."
+    w, out = world, tmp_path_factory.mktemp('p1d_out') / 'out'
     r = cli('probe1d', '--run', w['run'], '--train-shards', w['train'], '--val-shards', w['val'], '--out', out)
+    return r, out
+
+
+def test_cli_writes_table_and_resumes(world, run_out):
+    w, (r, out) = world, run_out
     assert r.stdout.strip().splitlines()[-1] == str(out)
     table = pd.read_csv(out / 'table.csv', index_col='method')
     assert table.index.tolist() == ['sae', 'pca', 'kmeans']
@@ -155,3 +183,25 @@ def test_cli_bad_input(world, tmp_path):
               contains='labels.bin')
     cli_fails('probe1d', '--run', tmp_path / 'norun', '--train-shards', w['train'], '--val-shards', w['val'],
               contains='not found')
+
+
+def test_cli_on_saev_checkpoint_equals_run(world, run_out, tmp_path):
+    "`--run <saev sae.pt>` (the run's weights, written as saev writes them) chooses the run's latents, same metrics."
+    from saev_nb.runs import load_run
+    from saev_nb.sae import save_saev_checkpoint
+    w, (_, run_dpath) = world, run_out
+    pt = save_saev_checkpoint(load_run(w['run']).sae, tmp_path / 'saev' / 'sae.pt')
+    assert pt.read_bytes().split(b'\n', 1)[0].startswith(b'{"schema": 5')  # saev's header line, then torch.save
+    out = tmp_path / 'pt'
+    r = cli('probe1d', '--run', pt, '--train-shards', w['train'], '--val-shards', w['val'], '--layer', 2,
+            '--out', out, env={'TQDM_DISABLE': '1'})
+    assert r.stdout.strip().splitlines()[-1] == str(out)
+    a, b = (pd.read_csv(d / 'per_class.csv') for d in (out, run_dpath))
+    assert a.latent.tolist() == b.latent.tolist() and a.purity.tolist() == b.purity.tolist()
+    cols = ['w', 'b', 'train_loss', 'val_loss', 'ap']
+    np.testing.assert_allclose(a[cols].values, b[cols].values, rtol=1e-5, atol=1e-6)
+    ta, tb = (pd.read_csv(d / 'table.csv', index_col='method') for d in (out, run_dpath))
+    assert ta.index.tolist() == tb.index.tolist() == ['sae', 'pca', 'kmeans']
+    assert ta.loc['pca', 'k'] == tb.loc['pca', 'k'] and ta.loc['sae', 'k'] == tb.loc['sae', 'k'] == 32
+    cols = ['nmse', 'l0', 'probe_r', 'map', 'purity_16', 'coverage_0.3']
+    np.testing.assert_allclose(ta[cols].values.astype(float), tb[cols].values.astype(float), rtol=1e-5, atol=1e-6)

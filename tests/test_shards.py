@@ -277,13 +277,13 @@ def _bad(seg_root, tmp_path, *flags):
 
 def test_bad_input_in_a_real_process_is_one_line(seg_root, tmp_path):
     line = cli_fails('shards', '--shards-root', tmp_path / 'shards', '--layers', 9, 'data:img-seg-folder', '--data.root', seg_root)
-    assert line == 'saev_nb shards: saev-tiny/random: layer 9 out of range for 4 blocks (valid: -4..3)'
+    assert line == 'saev_nb shards: saev-tiny/scenes: layer 9 out of range for 4 blocks (valid: -4..3)'
 
 
 def test_all_model_mismatches_in_one_message(seg_root, tmp_path):
     line = cli_fails('shards', '--shards-root', tmp_path / 'shards', '--d-model', 768, '--content-tokens-per-example', 196,
                      '--layers', 6, 7, 'data:img-seg-folder', '--data.root', seg_root)
-    assert line.startswith('saev_nb shards: saev-tiny/random: 3 flags disagree with the model: d_model=768 given')
+    assert line.startswith('saev_nb shards: saev-tiny/scenes: 3 flags disagree with the model: d_model=768 given')
     assert 'content_tokens_per_example=196 given' in line and 'layer 6 out of range for 4 blocks' in line
     assert not (tmp_path / 'shards').exists()
 

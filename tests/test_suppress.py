@@ -14,9 +14,10 @@ from saev_nb.core import MissingFileError
 from saev_nb.probe import ActsConfig
 from saev_nb.data import SegFolderConfig as ImgsConfig
 from saev_nb.features import F1Counts, FeaturesConfig, SuppressError, f1_counts, find_class_latents, patch_purity, top_latents
-from saev_nb.suppress import (CONDITIONS, SuppressConfig, bootstrap_ratio, change_counts, class_verdicts, condition_delta,
-                              latent_delta, make_conditions, matched_latents, probe_predictor, run_suppression, summarize,
-                              suppress, suppress_experiment, suppression_tables, tail_predictor, verdict_sentence)
+from saev_nb.suppress import (CONDITIONS, VERDICTS, SuppressConfig, bootstrap_ratio, change_counts, class_verdicts,
+                              condition_delta, latent_delta, make_conditions, matched_latents, probe_predictor, run_suppression,
+                              shared_latents, stream_predictor, summarize, suppress, suppress_experiment, suppression_tables,
+                              tail_predictor, verdict_sentence)
 from saev_nb.planted import make_planted_semseg
 
 from helpers import SAEV_NB, cli, cli_fails, cli_in_process, run, tiny_shards
@@ -148,21 +149,103 @@ def test_planted_later_layer_goes_through_the_stage():
     with pytest.raises(SuppressError, match='does not reproduce the recorded probe layer'): w.predictor()(bad['x'], bad)
 
 
+def test_semseg_suppress_command_on_a_planted_world(tmp_path):
+    "The installed command on known truth: class 1's latent also moves class 2, so it is the one class not specific."
+    from saev_nb.planted import save_planted
+    files = save_planted(make_planted_semseg(n_img=60, shared={1: 2}), tmp_path)
+    r = cli('semseg', 'suppress', '--sae-ckpt', files['sae'], '--acts.shard-root', files['shards'], '--probe', files['probe'],
+            '--features', files['features'], '--n-boot', 300, '--out', tmp_path/'semseg', env={'TQDM_DISABLE': '1'})
+    out = r.stdout.strip().splitlines()
+    assert out[-2] == ('Of 4 classes, 3 are specific (class 2, class 3, class 4), 1 moves other classes too (class 1), 0 are not '
+                       'separable from the controls and 0 failed selection.'), r.stdout
+    assert out[-1] == str(tmp_path/'semseg'/'suppress'/'summary.csv')
+    verd = pd.read_csv(tmp_path/'semseg'/'suppress'/'verdicts.csv').set_index('name')
+    assert verd.loc['class 1', 'class_other_lo'] > verd.loc['class 1', ['random_dir_other_hi', 'random_latents_other_hi']].max()
+    per_class = pd.read_csv(tmp_path/'semseg'/'suppress'/'per-class.csv')
+    assert per_class[['target_lo', 'target_hi', 'other_lo', 'other_hi']].notna().all().all() and len(per_class) == 16
+
+
 def test_verdicts():
+    "Target above both controls is not enough: a class whose latents move other classes more than a control is not specific."
     rows = []
-    for c, name, (t_cls, t_dir, t_lat), n in ((1, 'wall', (0.9, 0.02, 0.03), 40), (2, 'sky', (0.3, 0.28, 0.01), 40),
-                                               (3, 'tree', (0.5, 0.0, 0.0), 40), (4, 'bed', (np.nan,) * 3, 0)):
-        for cond, t in zip(('class', 'random-dir', 'random-latents'), (t_cls, t_dir, t_lat)):
-            rows.append({'condition': cond, 'class': c, 'name': name, 'latents': '7', 'n_target': n, 'other_change': 0.0,
-                         'target_change': t, 'target_lo': t - 0.05, 'target_hi': t + 0.05})
-    feats = pd.DataFrame({'class': [1, 1, 2, 3, 4], 'latent': [1, 5, 2, 3, 4], 'f1': [0.9, 0.7, 0.8, 0.3, 0.9]})
+    for c, name, (t_cls, t_dir, t_lat), (o_cls, o_dir, o_lat), n in (
+            (1, 'wall', (0.9, 0.02, 0.03), (0.01, 0.01, 0.01), 40), (2, 'sky', (0.3, 0.28, 0.01), (0.0, 0.0, 0.0), 40),
+            (3, 'tree', (0.5, 0.0, 0.0), (0.0, 0.0, 0.0), 40), (4, 'bed', (np.nan,) * 3, (0.0, 0.0, 0.0), 0),
+            (5, 'road', (0.9, 0.02, 0.03), (0.041, 0.01, 0.05), 40)):  # other change above the direction's, not the latents'
+        for cond, t, o in zip(('class', 'random-dir', 'random-latents'), (t_cls, t_dir, t_lat), (o_cls, o_dir, o_lat)):
+            rows.append({'condition': cond, 'class': c, 'name': name, 'latents': str(c), 'n_target': n, 'target_change': t,
+                         'target_lo': t - 0.05, 'target_hi': t + 0.05, 'other_change': o, 'other_lo': o - 0.005,
+                         'other_hi': o + 0.005})
+    feats = pd.DataFrame({'class': [1, 1, 2, 3, 4, 5], 'name': ['wall', 'wall', 'sky', 'tree', 'bed', 'road'],
+                          'latent': [1, 5, 2, 3, 4, 5], 'f1': [0.9, 0.7, 0.8, 0.3, 0.9, 0.8]})
     v = class_verdicts(pd.DataFrame(rows), feats, min_f1=0.5).set_index('name')
     assert v.verdict.to_dict() == {'wall': 'specific', 'sky': 'not separable from the controls', 'tree': 'selection failed',
-                                   'bed': 'never predicted'}
+                                   'bed': 'never predicted', 'road': 'not specific (moves other classes)'}
+    assert list(VERDICTS) == ['specific', 'not specific (moves other classes)', 'not separable from the controls',
+                              'selection failed', 'never predicted']
     assert v.loc['wall', 'latent_f1'] == '0.90 0.70' and v.loc['wall', 'best_f1'] == 0.9
     assert v.loc['sky', 'random_dir_change'] == 0.28 and v.loc['sky', 'random_latents_hi'] == pytest.approx(0.06)
-    assert verdict_sentence(v.reset_index()) == ('Of 4 classes, 1 is specific (wall), 1 is not separable from the controls '
-                                                 '(sky), 1 failed selection (tree) and 1 is never predicted (bed).')
+    # every condition's other-change band is in the table; latent 5 was chosen for wall and road
+    assert v.loc['road', 'class_other_lo'] == pytest.approx(0.036) and v.loc['road', 'random_dir_other_hi'] == pytest.approx(0.015)
+    assert v.loc['road', 'random_latents_other_change'] == 0.05
+    assert v.shared_latents.to_dict() == {'wall': '', 'sky': '', 'tree': '', 'bed': '', 'road': '5'}  # per-class rows: latents '1'...'5'
+    assert shared_latents(feats).to_dict('records') == [{'latent': 5, 'n_classes': 2, 'classes': 'wall, road'}]
+    assert verdict_sentence(v.reset_index()) == ('Of 5 classes, 1 is specific (wall), 1 moves other classes too (road), 1 is not '
+                                                 'separable from the controls (sky), 1 failed selection (tree) and 1 is never '
+                                                 'predicted (bed).')
+
+
+def test_simultaneous_bands_cover_every_class_together():
+    "Sup-t bands over 10 classes cover all 10 true rates at once in about 95% of worlds; pointwise intervals do not."
+    g = torch.Generator().manual_seed(0)
+    p = torch.linspace(0.05, 0.6, 10)[:, None]
+    joint = pointwise = 0
+    n_rep = 60
+    for rep in range(n_rep):
+        n = torch.randint(5, 20, (10, 200), generator=g).double()
+        k = torch.binomial(n, p.expand_as(n).double(), generator=g)
+        _, lo, hi = bootstrap_ratio(k, n, n_boot=400, seed=rep, family=np.zeros(10))
+        joint += bool(((lo <= p[:, 0].numpy()) & (p[:, 0].numpy() <= hi)).all())
+        _, lo, hi = bootstrap_ratio(k, n, n_boot=400, seed=rep)
+        pointwise += bool(((lo <= p[:, 0].numpy()) & (p[:, 0].numpy() <= hi)).all())
+    assert joint >= 0.85 * n_rep, joint  # nominal 95% of 60 = 57
+    assert pointwise < joint and pointwise <= 0.8 * n_rep, pointwise  # nominal 0.95**10 = 60% of 60 = 36
+
+
+def _planted_verdicts(w, k=1, n_boot=1000):
+    sc = f1_counts(w.batches, w.sae, len(w.class_names), progress=False).scores(max_freq=0.9)
+    feats = top_latents(sc, w.class_names, k=k)
+    return feats, suppression_tables(w.batches, w.sae, feats, sc['freq'], w.predictor(), w.n_examples, w.class_names,
+                                     n_boot=n_boot, progress=False)
+
+
+@pytest.mark.parametrize('later_layer', [False, True])
+def test_planted_latent_that_also_moves_another_class_is_not_specific(later_layer):
+    "Class 1's latent also carries class 2: its target change beats the controls, but it is not specific; the rest are."
+    w = make_planted_semseg(n_img=100, shared={1: 2}, later_layer=later_layer, seed=4)
+    feats, res = _planted_verdicts(w)
+    assert feats.latent.tolist() == list(w.planted.values())
+    v = res.verdicts.set_index('name')
+    assert v.verdict.to_dict() == {'class 1': 'not specific (moves other classes)', 'class 2': 'specific', 'class 3': 'specific',
+                                   'class 4': 'specific'}
+    assert v.loc['class 1', 'class_lo'] > max(v.loc['class 1', 'random_dir_hi'], v.loc['class 1', 'random_latents_hi'])
+    assert v.loc['class 1', 'class_other_lo'] > 0.15 > max(v.loc['class 1', ['random_dir_other_hi', 'random_latents_other_hi']])
+    # the per-class table holds both rates' bands for every condition
+    pc = res.per_class
+    assert {'target_lo', 'target_hi', 'other_lo', 'other_hi'} <= set(pc.columns) and pc[['other_lo', 'other_hi']].notna().all().all()
+    assert 'moves other classes too (class 1)' in verdict_sentence(res.verdicts)
+
+
+def test_planted_noisy_world_still_finds_every_class():
+    "Power: noise, 32 images, latents carrying their class on 70% of its patches; every planted class is still specific."
+    w = make_planted_semseg(n_img=32, noise=1.0, carried=0.7, batch_size=8, seed=5)
+    feats, res = _planted_verdicts(w)
+    assert feats.latent.tolist() == list(w.planted.values()) and (feats.f1 < 0.9).all()
+    v = res.verdicts
+    assert (v.class_change < 0.9).all() and (v.class_change > 0.5).all() and v.random_dir_change.max() > 0.02
+    assert (v.verdict == 'specific').all(), v[['name', 'class_lo', 'random_dir_hi', 'random_latents_hi', 'verdict']]
+    with pytest.raises(ValueError, match='two different classes'): make_planted_semseg(shared={1: 5})
+    with pytest.raises(ValueError, match='later_layer=False'): make_planted_semseg(carried=0.5, later_layer=True)
 
 
 def test_conditions_and_counts():
@@ -278,8 +361,9 @@ def test_features_then_suppress(pipeline, capsys):
     sdir = p['out']/'p3'/'suppress'
     assert (sdir/'suppression.png').stat().st_size > 1000 and len(pd.read_csv(sdir/'per-class.csv')) == 4 * feats['class'].nunique()
     verd = pd.read_csv(sdir/'verdicts.csv')
-    assert len(verd) == feats['class'].nunique() and set(verd.verdict) <= {'specific', 'not separable from the controls',
-                                                                           'selection failed', 'never predicted'}
+    assert len(verd) == feats['class'].nunique() and set(verd.verdict) <= set(VERDICTS)
+    assert {'class_other_lo', 'class_other_hi', 'random_dir_other_hi', 'random_latents_other_hi', 'shared_latents'} <= set(verd.columns)
+    assert json.loads((sdir/'conditions.json').read_text())['intervals'].startswith('95% bootstrap bands')
     assert json.loads((sdir/'conditions.json').read_text())['probe_layer'] == 3
     # a re-run says it skips and why, and prints the same summary
     r2 = cli_in_process(*args)  # in-process: the same `main`, no start-up
@@ -352,6 +436,29 @@ def test_tail_predictor_detects_a_different_model(pipeline):
     with torch.no_grad():
         for q in vit.blocks[3].parameters(): q.add_(0.5)
     with pytest.raises(SuppressError, match='does not reproduce the recorded probe layer'): tail_predictor(vit, probe, 2, 3)(b['x'], b)
+
+
+def test_tail_without_the_rotary_grid_is_refused():
+    "A DINOv3 tail run without its rotary embedding misses the stream by ~3e-4 but what the blocks add by ~3e-2: refused."
+    from saev_nb.models import load_vit
+    from saev_nb.suppress import check_stream, stream_tolerance
+    vit = load_vit('dinov3', 'vit_small_patch16_dinov3/random', img_size=112)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for q in vit.parameters(): q.add_(0.02 * torch.randn_like(q))  # moved off the init: the blocks add something
+        resid = vit.residual(torch.randn(2, 3, 112, 112), 1)
+        rec = vit.run_blocks(resid, 2, 3)[:, 5:]  # what recording block 3 stores
+        plain = resid
+        for blk in vit.blocks[2:4]: plain = blk(plain)  # the same blocks, no rotary grid
+    b = {'resid': resid, 'x_probe': rec}
+    assert float((plain[:, 5:] - rec).norm() / rec.norm()) < 1e-3  # what the old whole-stream check allowed
+    probe = LinearProbes(1, vit.d_model, 3)
+    assert tail_predictor(vit, probe, 1, 3)(resid[:, 5:], b).shape == (2, 49)  # with the grid: accepted
+    no_rope = stream_predictor(list(vit.blocks[2:4]), probe, what='blocks 2..3 without rope', n_prefix=5)
+    with pytest.raises(SuppressError, match=r'relative error 0\.0\d+ on what the blocks add to the stream'):
+        no_rope(resid[:, 5:], b)
+    # bfloat16 shards round the stream by more than the missing rotary embedding changes it: not refused there
+    check_stream(plain[:, 5:], rec, resid[:, 5:], stream_tol=stream_tolerance('bfloat16'))
 
 
 def test_stream_rebuilt_from_images_matches_the_shards(pipeline):
