@@ -354,7 +354,7 @@ def fit_pass(cfg: BaselineConfig,  # fitted
             x = batch['acts'].to(cfg.device, torch.float64)
             if not bool(torch.isfinite(x).all()):
                 raise BaselineError(f'{cfg.train_data.shards}: batch {b} holds NaN or inf activations; check the '
-                                    'shards with `saev_nb shards validate --scan full`')
+                                    'shards with `saev_nb shards validate --full`')
             for i, (f, ks, p, s) in enumerate(fits):
                 if steps[i] <= b: f.update(x); steps[i] = b + 1
             bar.update(len(x))
